@@ -1,0 +1,124 @@
+"""The `fission` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from attribution.campaigns import ConfigError, load_campaigns
+from attribution.engine import Engine
+from attribution.store import EmbeddedStore, Store
+from stream.settings import Settings, load_settings
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name: `embedded` (in process) or `redis`."""
+    if settings.store == "embedded":
+        return EmbeddedStore()
+    if settings.store == "redis":
+        from attribution.redis_store import RedisStore
+
+        return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, buckets=settings.redis_buckets)
+    raise ConfigError(f"store: {settings.store!r} is not one of embedded, redis")
+
+
+def _progress(total: int, label: str):
+    """A rich progress bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task(label, total=total)
+    return bar, lambda done: bar.update(task, completed=done)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from stream.replay import file_size, replay
+
+    settings = load_settings(args.config, campaigns=args.campaigns, store=args.store,
+                             redis_url=args.redis_url, redis_prefix=args.redis_prefix)
+    engine = Engine(load_campaigns(settings.campaigns), open_store(settings), settings.engine())
+    bar, update = _progress(file_size(args.events), "replay")
+    if bar:
+        with bar:
+            summary = replay(engine, args.events, args.out, update)
+    else:
+        summary = replay(engine, args.events, args.out)
+    print(
+        f"replayed {summary.events} events: {summary.outcomes} outcomes, {summary.entries} ledger entries, "
+        f"{summary.nodes} nodes, {summary.dead_letters} dead letters -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_balances(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, store=args.store, redis_url=args.redis_url, redis_prefix=args.redis_prefix)
+    balances = open_store(settings).balances(args.campaign)
+    if args.json:
+        print(orjson.dumps(balances, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+        return 0
+    for campaign, by_user in sorted(balances.items()):
+        for user, amount in sorted(by_user.items()):
+            print(f"{campaign}\t{user}\t{amount}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, campaigns=args.campaigns)
+    campaigns = load_campaigns(settings.campaigns)
+    for campaign in campaigns.values():
+        print(f"{campaign.id}: levels={campaign.levels} budget={campaign.budget} group_buy={bool(campaign.group_buy)}")
+    return 0
+
+
+def _store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", choices=["embedded", "redis"], help="state store (default: settings)")
+    parser.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
+    parser.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fission", description="Real-time referral attribution.")
+    parser.add_argument("--config", help="settings YAML (default: FISSION_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = commands.add_parser("replay", help="run the engine over a JSONL file of events",
+                                 description="Run the engine over EVENTS (JSONL) and write ledger.jsonl, "
+                                 "outcomes.jsonl, nodes.jsonl and balances.json into --out.")
+    replay.add_argument("events", type=Path, help="JSONL file, one event per line")
+    replay.add_argument("--campaigns", help="campaigns YAML (default: settings)")
+    replay.add_argument("--out", type=Path, required=True, help="output directory")
+    _store_flags(replay)
+    replay.set_defaults(run=cmd_replay)
+
+    balances = commands.add_parser("balances", help="show balances from the configured store",
+                                   description="Print balances (campaign, beneficiary, amount).")
+    balances.add_argument("--campaign", help="only this campaign")
+    balances.add_argument("--json", action="store_true", help="print JSON")
+    _store_flags(balances)
+    balances.set_defaults(run=cmd_balances)
+
+    check = commands.add_parser("check-config", help="validate a campaigns file",
+                                description="Load and validate the campaigns file; exit 2 on errors.")
+    check.add_argument("--campaigns", help="campaigns YAML (default: settings)")
+    check.set_defaults(run=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"fission: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

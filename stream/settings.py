@@ -1,0 +1,60 @@
+"""Settings: a YAML file, overridden by FISSION_* environment variables, overridden by flags.
+
+`scripts/services up` prints the FISSION_* variables of the servers it started, so
+`eval "$(scripts/services up)"` points every command at them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attribution.campaigns import ConfigError, parse_duration
+from attribution.engine import Settings as EngineSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    campaigns: str = "config/campaigns.yaml"
+    store: str = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "fx"
+    redis_buckets: int = 16384
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    clickhouse_url: str = "clickhouse://127.0.0.1:9000/default"
+    grace: str = "10m"
+    max_waiting_per_user: int = 100
+    max_waiting_per_partition: int = 100_000
+
+    def engine(self) -> EngineSettings:
+        return EngineSettings(
+            max_waiting_per_user=self.max_waiting_per_user,
+            max_waiting_per_partition=self.max_waiting_per_partition,
+            grace_ms=parse_duration(self.grace, "grace"),
+        )
+
+
+def load_settings(path: str | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """File (FISSION_CONFIG or `path`, optional) < environment < explicit overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_path = path or environ.get("FISSION_CONFIG")
+    if config_path:
+        doc = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{config_path}: must be a mapping of settings")
+        values.update(doc)
+    known = {f.name: f for f in fields(Settings)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown setting(s) {', '.join(unknown)}")
+    for name, spec in known.items():
+        env = environ.get(f"FISSION_{name.upper()}")
+        if env is not None:
+            values[name] = int(env) if spec.type in ("int", int) else env
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(Settings(), **values)
