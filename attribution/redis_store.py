@@ -1,0 +1,300 @@
+"""The Redis store: production state, batched, laid out for Redis Cluster.
+
+Key layout (P = partition, b = bucket = crc32(id) mod `buckets`; `{...}` is the hash tag,
+so everything one Lua script touches shares a slot):
+
+| key | holds | slot, and why |
+|---|---|---|
+| `fx:{pP}:u:b` | hash: enc(campaign, user) → packed `User` | the partition's: the batch commit writes them atomically with the position |
+| `fx:{pP}:e:b` | hash: event-id digest → 1 (duplicates) | the partition's: a redelivery lands on the same partition |
+| `fx:{pP}:q` | hash: user → waiting queue | the partition's |
+| `fx:{pP}:pos`, `fx:{pP}:epoch` | position (next offset), owner's fencing epoch | the partition's |
+| `fx:s:{b}` | hash: share_id → claim or `Share` | the share id's bucket: claimed by any partition |
+| `fx:o:{b}` | hash: enc(campaign, order) → claim or `Order` | the order id's bucket |
+| `fx:d:{b}` | hash: enc(campaign, device) → users it bound | the device's bucket |
+| `fx:g:{b}` | hash: enc(campaign, group) → buyers, completing event | the group's bucket |
+| `fx:b:{campaign}` | hash: spent, per-entry draw answers and returns | the campaign's |
+| `fx:bal:{b}`, `fx:ap:{b}` | balances by enc(campaign, beneficiary); applied entry ids | the beneficiary's bucket: credit and its idempotency mark in one script |
+
+Small hashes (≤ 128 fields, values ≤ 64 bytes) stay listpack-encoded, which is what keeps
+a bound user near 100 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis
+
+from attribution.events import Event
+from attribution.model import BOUND, ORGANIC, SEED, Credit, Order, Share, User
+from attribution.queues import Queue
+from attribution.store import Commit
+from attribution.view import Key
+
+_STATE_CODES = {SEED: "s", BOUND: "b", ORGANIC: "o"}
+_STATES = {code: state for state, code in _STATE_CODES.items()}
+
+
+def enc(*parts: str) -> str:
+    """Join ids that may hold any character, unambiguously: each is length-prefixed."""
+    return "".join(f"{len(p)}:{p}" for p in parts)
+
+
+def dec(packed: str) -> list[str]:
+    parts, i = [], 0
+    while i < len(packed):
+        colon = packed.index(":", i)
+        size = int(packed[i:colon])
+        parts.append(packed[colon + 1 : colon + 1 + size])
+        i = colon + 1 + size
+    return parts
+
+
+def pack_user(user_id: str, user: User) -> bytes:
+    """Compact: the root is left out when it can be derived (self for a seed, last ancestor)."""
+    code = _STATE_CODES[user.state]
+    if user.state == ORGANIC:
+        return orjson.dumps([code, user.entered_at])
+    derived = user_id if user.state == SEED else (user.ancestors[-1] if len(user.ancestors) == user.depth else None)
+    root = 0 if user.root == derived else user.root
+    return orjson.dumps([code, user.entered_at, user.depth, list(user.ancestors), root, int(user.first_purchase_done)])
+
+
+def unpack_user(user_id: str, raw: bytes) -> User:
+    item = orjson.loads(raw)
+    state = _STATES[item[0]]
+    if state == ORGANIC:
+        return User(ORGANIC, entered_at=item[1])
+    _, entered, depth, ancestors, root, done = item
+    if root == 0:
+        root = user_id if state == SEED else ancestors[-1]
+    bound_at = entered if state == BOUND else None
+    return User(state, entered, root, depth, tuple(ancestors), bound_at, bool(done))
+
+
+def pack_share(share: Share) -> bytes:
+    return orjson.dumps(["s", share.event_id, share.campaign, share.sharer, share.ts, share.root, share.depth,
+                         list(share.ancestors), int(share.group)])
+
+
+def unpack_share(share_id: str, raw: bytes | None) -> Share | None:
+    item = orjson.loads(raw) if raw else None
+    if not item or item[0] != "s":
+        return None
+    _, event_id, campaign, sharer, ts, root, depth, ancestors, group = item
+    return Share(share_id, campaign, sharer, event_id, ts, root, depth, tuple(ancestors), bool(group))
+
+
+def pack_order(order: Order) -> bytes:
+    credits = [[c.entry_id, c.beneficiary, c.amount, c.kind, c.level] for c in order.credits]
+    return orjson.dumps(["o", order.event_id, order.buyer, credits, order.refunded_by])
+
+
+def unpack_order(campaign: str, order_id: str, raw: bytes | None) -> Order | None:
+    item = orjson.loads(raw) if raw else None
+    if not item or item[0] != "o":
+        return None
+    _, event_id, buyer, credits, refunded_by = item
+    return Order(campaign, order_id, buyer, event_id, tuple(Credit(*c) for c in credits), refunded_by)
+
+
+def pack_queue(queue: Queue) -> bytes:
+    return orjson.dumps({"w": queue.waiting_on, "t": queue.since, "e": [e.to_dict() for e in queue.events]})
+
+
+def unpack_queue(raw: bytes) -> Queue:
+    item = orjson.loads(raw)
+    return Queue([Event(**e) for e in item["e"]], item["w"], item["t"])
+
+
+def event_digest(event_id: str) -> bytes:
+    return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=10).digest()
+
+
+def _script(name: str) -> str:
+    return resources.files("attribution").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, prefix: str = "fx", buckets: int = 16384) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.buckets = buckets
+        self.epochs: dict[int, int] = {}
+        self._scripts = {
+            name: client.register_script(_script(name))
+            for name in ("claim", "device", "budget_draw", "budget_return", "group_join", "credit", "commit")
+        }
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "fx", buckets: int = 16384) -> RedisStore:
+        return cls(redis.Redis.from_url(url), prefix, buckets)
+
+    # -- key names ------------------------------------------------------------------
+
+    def _bucket(self, text: str) -> int:
+        return zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.buckets
+
+    def _part(self, partition: int, suffix: str) -> str:
+        return f"{self.prefix}:{{p{partition}}}:{suffix}"
+
+    def user_key(self, partition: int, user_id: str) -> str:
+        return self._part(partition, f"u:{self._bucket(user_id)}")
+
+    def _global(self, kind: str, by: str) -> str:
+        return f"{self.prefix}:{kind}:{{{self._bucket(by)}}}"
+
+    def budget_key(self, campaign: str) -> str:
+        return f"{self.prefix}:b:{{{enc(campaign)}}}"
+
+    # -- fetch: reads and atomic operations in one pipeline -------------------------
+
+    def fetch(self, partition: int, keys: list[Key]) -> dict[Key, Any]:
+        pipe = self.r.pipeline(transaction=False)
+        decoders = []
+        for key in keys:
+            command, decode = self._read(partition, key, pipe)
+            command()
+            decoders.append((key, decode))
+        replies = pipe.execute()
+        return {key: decode(reply) for (key, decode), reply in zip(decoders, replies, strict=True)}
+
+    def _read(self, partition: int, key: Key, pipe: Any):
+        kind = key[0]
+        s = self._scripts
+        if kind == "user":
+            _, campaign, user_id = key
+            field = enc(campaign, user_id)
+            return (lambda: pipe.hget(self.user_key(partition, user_id), field),
+                    lambda raw: unpack_user(user_id, raw) if raw else None)
+        if kind == "seen":
+            _, event_id = key
+            digest = event_digest(event_id)
+            hkey = self._part(partition, f"e:{digest[0] * 256 + digest[1]}")
+            return lambda: pipe.hexists(hkey, digest), bool
+        if kind == "share":
+            _, share_id = key
+            return (lambda: pipe.hget(self._global("s", share_id), share_id),
+                    lambda raw: unpack_share(share_id, raw))
+        if kind == "order":
+            _, campaign, order_id = key
+            return (lambda: pipe.hget(self._global("o", order_id), enc(campaign, order_id)),
+                    lambda raw: unpack_order(campaign, order_id, raw))
+        if kind == "claim_share":
+            _, share_id, event_id = key
+            claim = orjson.dumps(["c", event_id])
+            return (lambda: s["claim"](keys=[self._global("s", share_id)], args=[share_id, event_id, claim],
+                                       client=pipe), bool)
+        if kind == "claim_order":
+            _, campaign, order_id, event_id = key
+            claim = orjson.dumps(["c", event_id])
+            return (lambda: s["claim"](keys=[self._global("o", order_id)],
+                                       args=[enc(campaign, order_id), event_id, claim], client=pipe), bool)
+        if kind == "device":
+            _, campaign, device, user_id, limit = key
+            return (lambda: s["device"](keys=[self._global("d", device)],
+                                        args=[enc(campaign, device), user_id, limit], client=pipe), bool)
+        if kind == "budget":
+            _, campaign, entry_id, amount, budget = key
+            return (lambda: s["budget_draw"](keys=[self.budget_key(campaign)], args=[entry_id, amount, budget],
+                                             client=pipe), bool)
+        if kind == "group_join":
+            _, campaign, group_id, buyer, event_id, size = key
+            return (lambda: s["group_join"](keys=[self._global("g", group_id)],
+                                            args=[enc(campaign, group_id), buyer, event_id, size], client=pipe),
+                    bool)
+        raise ValueError(f"unknown key kind {kind!r}")
+
+    # -- commit ---------------------------------------------------------------------
+
+    def commit(self, commit: Commit) -> None:
+        """Cross-slot effects first (each idempotent), then the partition's state and position
+        atomically: a crash in between re-runs the batch, which changes nothing twice."""
+        pipe = self.r.pipeline(transaction=False)
+        part_hashes: dict[str, dict[bytes | str, bytes]] = {}
+        for key, value in commit.writes.items():
+            kind = key[0]
+            if kind == "user":
+                _, campaign, user_id = key
+                part_hashes.setdefault(self.user_key(commit.partition, user_id), {})[enc(campaign, user_id)] = (
+                    pack_user(user_id, value)
+                )
+            elif kind == "seen":
+                digest = event_digest(key[1])
+                part_hashes.setdefault(self._part(commit.partition, f"e:{digest[0] * 256 + digest[1]}"), {})[
+                    digest
+                ] = b"1"
+            elif kind == "share":
+                pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
+            elif kind == "order":
+                _, campaign, order_id = key
+                pipe.hset(self._global("o", order_id), enc(campaign, order_id), pack_order(value))
+        credits: dict[int, list] = {}
+        for entry in commit.entries:
+            credits.setdefault(self._bucket(entry.beneficiary), []).extend(
+                [entry.entry_id, enc(entry.campaign, entry.beneficiary), entry.amount]
+            )
+        for bucket, args in credits.items():
+            self._scripts["credit"](keys=[f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}"],
+                                    args=args, client=pipe)
+        returns: dict[str, list] = {}
+        for campaign, entry_id, amount in commit.budget_returns:
+            returns.setdefault(campaign, []).extend([entry_id, amount])
+        for campaign, args in returns.items():
+            self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=args, client=pipe)
+        queue_hash = part_hashes.setdefault(self._part(commit.partition, "q"), {})
+        for user, queue in commit.queues.items():
+            queue_hash[user] = pack_queue(queue) if queue else b""
+        keys = [self._part(commit.partition, "epoch"), self._part(commit.partition, "pos")]
+        epoch = commit.epoch if commit.epoch is not None else self.epochs.get(commit.partition)
+        args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position]
+        for hkey, fields in part_hashes.items():
+            keys.append(hkey)
+            args.append(len(fields))
+            for name, value in fields.items():
+                args.extend([name, value])
+        self._scripts["commit"](keys=keys, args=args, client=pipe)
+        pipe.execute()
+
+    # -- partition ownership and reads for other services ---------------------------
+
+    def acquire(self, partition: int) -> int:
+        """Take a partition over: a new epoch fences every earlier owner out of its commits."""
+        epoch = int(self.r.incr(self._part(partition, "epoch")))
+        self.epochs[partition] = epoch
+        return epoch
+
+    def load_queues(self, partition: int) -> dict[str, Queue]:
+        raw = self.r.hgetall(self._part(partition, "q"))
+        return {user.decode(): unpack_queue(value) for user, value in raw.items()}
+
+    def position(self, partition: int) -> int | None:
+        raw = self.r.get(self._part(partition, "pos"))
+        return int(raw) if raw is not None else None
+
+    def balances(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for key in self.r.scan_iter(match=f"{self.prefix}:bal:*", count=1000):
+            for field, amount in self.r.hgetall(key).items():
+                c, user = dec(field.decode())
+                if campaign is None or c == campaign:
+                    out.setdefault(c, {})[user] = int(amount)
+        return out
+
+    def balance(self, campaign: str, beneficiary: str) -> int:
+        """One balance, one round trip: what a client app asks after a 'you earned' push."""
+        raw = self.r.hget(f"{self.prefix}:bal:{{{self._bucket(beneficiary)}}}", enc(campaign, beneficiary))
+        return int(raw or 0)
+
+    def nodes(self) -> list[tuple[str, str, Any]]:
+        out = []
+        for key in self.r.scan_iter(match=f"{self.prefix}:{{p*}}:u:*", count=1000):
+            for field, raw in self.r.hgetall(key).items():
+                campaign, user_id = dec(field.decode())
+                out.append((campaign, user_id, unpack_user(user_id, raw)))
+        return out
