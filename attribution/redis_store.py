@@ -3,18 +3,20 @@
 Key layout (P = partition, b = bucket = crc32(id) mod `buckets`; `{...}` is the hash tag,
 so everything one Lua script touches shares a slot):
 
-| key | holds | slot, and why |
-|---|---|---|
-| `fx:{pP}:u:b` | hash: enc(campaign, user) → packed `User` | the partition's: the batch commit writes them atomically with the position |
-| `fx:{pP}:e:b` | hash: event-id digest → 1 (duplicates) | the partition's: a redelivery lands on the same partition |
-| `fx:{pP}:q` | hash: user → waiting queue | the partition's |
-| `fx:{pP}:pos`, `fx:{pP}:epoch` | position (next offset), owner's fencing epoch | the partition's |
-| `fx:s:{b}` | hash: share_id → claim or `Share` | the share id's bucket: claimed by any partition |
-| `fx:o:{b}` | hash: enc(campaign, order) → claim or `Order` | the order id's bucket |
-| `fx:d:{b}` | hash: enc(campaign, device) → users it bound | the device's bucket |
-| `fx:g:{b}` | hash: enc(campaign, group) → buyers, completing event | the group's bucket |
-| `fx:b:{campaign}` | hash: spent, per-entry draw answers and returns | the campaign's |
-| `fx:bal:{b}`, `fx:ap:{b}` | balances by enc(campaign, beneficiary); applied entry ids | the beneficiary's bucket: credit and its idempotency mark in one script |
+- `fx:{pP}:u:b` hash enc(campaign, user) → packed `User`; `fx:{pP}:e:<generation>:b` hash
+  event-id digest → 1 (duplicate marks, kept for `dedup_retention`); `fx:{pP}:q` hash
+  user → waiting queue; `fx:{pP}:pos` and `fx:{pP}:epoch`, the position and the owner's
+  fencing epoch. All in the partition's slot, so the batch commit writes them atomically
+  with the position. A redelivery lands on the same partition (key = user_id), so
+  duplicate marks need not be global.
+- `fx:s:{b}` share_id → claim or `Share`; `fx:o:{b}` enc(campaign, order) → claim or
+  `Order`; `fx:d:{b}` enc(campaign, device) → the users it bound; `fx:g:{b}`
+  enc(campaign, group) → buyers and the completing event. In the id's own slot: any
+  partition may claim or join them, one Lua script each.
+- `fx:b:{campaign}` spent, per-entry draw answers and returns: the campaign's slot.
+- `fx:bal:{b}` balances by enc(campaign, beneficiary), and `fx:ap:{b}:<generation>` the
+  applied entry ids: the beneficiary's slot, so a credit and its idempotency mark are one
+  script. Readers (`balance()`) find a balance in one round trip.
 
 Small hashes (≤ 128 fields, values ≤ 64 bytes) stay listpack-encoded, which is what keeps
 a bound user near 100 bytes.
@@ -23,7 +25,9 @@ a bound user near 100 bytes.
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -55,26 +59,71 @@ def dec(packed: str) -> list[str]:
     return parts
 
 
+def _varint(value: int, out: bytearray) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _text(value: str, out: bytearray) -> None:
+    data = value.encode("utf-8", "surrogatepass")
+    _varint(len(data), out)
+    out += data
+
+
+def _read_text(raw: bytes, i: int) -> tuple[str, int]:
+    size, i = _read_varint(raw, i)
+    return raw[i : i + size].decode("utf-8", "surrogatepass"), i + size
+
+
 def pack_user(user_id: str, user: User) -> bytes:
-    """Compact: the root is left out when it can be derived (self for a seed, last ancestor)."""
-    code = _STATE_CODES[user.state]
+    """Binary and compact (a bound user with three ancestors is ~35 bytes): state code,
+    varints, length-prefixed ids; the root is left out when derivable (self for a seed,
+    the last ancestor when the chain reaches it), and bound_at is entered_at."""
+    out = bytearray(_STATE_CODES[user.state].encode())
+    _varint(user.entered_at, out)
     if user.state == ORGANIC:
-        return orjson.dumps([code, user.entered_at])
+        return bytes(out)
+    _varint(user.depth, out)
+    out.append(int(user.first_purchase_done))
+    _varint(len(user.ancestors), out)
+    for ancestor in user.ancestors:
+        _text(ancestor, out)
     derived = user_id if user.state == SEED else (user.ancestors[-1] if len(user.ancestors) == user.depth else None)
-    root = 0 if user.root == derived else user.root
-    return orjson.dumps([code, user.entered_at, user.depth, list(user.ancestors), root, int(user.first_purchase_done)])
+    if user.root != derived:
+        _text(user.root, out)
+    return bytes(out)
 
 
 def unpack_user(user_id: str, raw: bytes) -> User:
-    item = orjson.loads(raw)
-    state = _STATES[item[0]]
+    state = _STATES[chr(raw[0])]
+    entered, i = _read_varint(raw, 1)
     if state == ORGANIC:
-        return User(ORGANIC, entered_at=item[1])
-    _, entered, depth, ancestors, root, done = item
-    if root == 0:
+        return User(ORGANIC, entered_at=entered)
+    depth, i = _read_varint(raw, i)
+    done = bool(raw[i])
+    count, i = _read_varint(raw, i + 1)
+    ancestors = []
+    for _ in range(count):
+        ancestor, i = _read_text(raw, i)
+        ancestors.append(ancestor)
+    if i < len(raw):
+        root, i = _read_text(raw, i)
+    else:
         root = user_id if state == SEED else ancestors[-1]
-    bound_at = entered if state == BOUND else None
-    return User(state, entered, root, depth, tuple(ancestors), bound_at, bool(done))
+    return User(state, entered, root, depth, tuple(ancestors), entered if state == BOUND else None, done)
 
 
 def pack_share(share: Share) -> bytes:
@@ -116,15 +165,29 @@ def event_digest(event_id: str) -> bytes:
     return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=10).digest()
 
 
+DAY_MS = 86_400_000
+SEEN_BUCKETS = 4096
+APPLIED_GENERATION_MS = DAY_MS  # marks of applied credits outlive any crash-restart by far
+
+
 def _script(name: str) -> str:
     return resources.files("attribution").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
 
 class RedisStore:
-    def __init__(self, client: redis.Redis, prefix: str = "fx", buckets: int = 16384) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "fx",
+        buckets: int = 16384,
+        dedup_retention_ms: int = 7 * DAY_MS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.r = client
         self.prefix = prefix
         self.buckets = buckets
+        self.dedup_retention_ms = dedup_retention_ms
+        self.clock = clock
         self.epochs: dict[int, int] = {}
         self._scripts = {
             name: client.register_script(_script(name))
@@ -158,57 +221,60 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         decoders = []
         for key in keys:
-            command, decode = self._read(partition, key, pipe)
-            command()
-            decoders.append((key, decode))
-        replies = pipe.execute()
-        return {key: decode(reply) for (key, decode), reply in zip(decoders, replies, strict=True)}
+            commands, decode = self._read(partition, key, pipe)
+            decoders.append((key, len(commands), decode))
+        replies = iter(pipe.execute())
+        return {key: decode(*[next(replies) for _ in range(n)]) for key, n, decode in decoders}
 
-    def _read(self, partition: int, key: Key, pipe: Any):
-        kind = key[0]
-        s = self._scripts
+    def _read(self, partition: int, key: Key, pipe: Any) -> tuple[list, Callable[..., Any]]:
+        """Queue the command(s) answering `key` on the pipeline; return them and a decoder."""
+        kind, s = key[0], self._scripts
         if kind == "user":
             _, campaign, user_id = key
-            field = enc(campaign, user_id)
-            return (lambda: pipe.hget(self.user_key(partition, user_id), field),
-                    lambda raw: unpack_user(user_id, raw) if raw else None)
+            reply = pipe.hget(self.user_key(partition, user_id), enc(campaign, user_id))
+            return [reply], lambda raw: unpack_user(user_id, raw) if raw else None
         if kind == "seen":
-            _, event_id = key
-            digest = event_digest(event_id)
-            hkey = self._part(partition, f"e:{digest[0] * 256 + digest[1]}")
-            return lambda: pipe.hexists(hkey, digest), bool
+            digest = event_digest(key[1])
+            keys = self._seen_keys(partition, digest)
+            return [pipe.hexists(k, digest) for k in keys], lambda *found: any(found)
         if kind == "share":
-            _, share_id = key
-            return (lambda: pipe.hget(self._global("s", share_id), share_id),
-                    lambda raw: unpack_share(share_id, raw))
+            share_id = key[1]
+            return [pipe.hget(self._global("s", share_id), share_id)], lambda raw: unpack_share(share_id, raw)
         if kind == "order":
             _, campaign, order_id = key
-            return (lambda: pipe.hget(self._global("o", order_id), enc(campaign, order_id)),
-                    lambda raw: unpack_order(campaign, order_id, raw))
+            reply = pipe.hget(self._global("o", order_id), enc(campaign, order_id))
+            return [reply], lambda raw: unpack_order(campaign, order_id, raw)
         if kind == "claim_share":
             _, share_id, event_id = key
-            claim = orjson.dumps(["c", event_id])
-            return (lambda: s["claim"](keys=[self._global("s", share_id)], args=[share_id, event_id, claim],
-                                       client=pipe), bool)
+            args = [share_id, event_id, orjson.dumps(["c", event_id])]
+            return [s["claim"](keys=[self._global("s", share_id)], args=args, client=pipe)], bool
         if kind == "claim_order":
             _, campaign, order_id, event_id = key
-            claim = orjson.dumps(["c", event_id])
-            return (lambda: s["claim"](keys=[self._global("o", order_id)],
-                                       args=[enc(campaign, order_id), event_id, claim], client=pipe), bool)
+            args = [enc(campaign, order_id), event_id, orjson.dumps(["c", event_id])]
+            return [s["claim"](keys=[self._global("o", order_id)], args=args, client=pipe)], bool
         if kind == "device":
             _, campaign, device, user_id, limit = key
-            return (lambda: s["device"](keys=[self._global("d", device)],
-                                        args=[enc(campaign, device), user_id, limit], client=pipe), bool)
+            args = [enc(campaign, device), user_id, limit]
+            return [s["device"](keys=[self._global("d", device)], args=args, client=pipe)], bool
         if kind == "budget":
             _, campaign, entry_id, amount, budget = key
-            return (lambda: s["budget_draw"](keys=[self.budget_key(campaign)], args=[entry_id, amount, budget],
-                                             client=pipe), bool)
+            args = [entry_id, amount, budget]
+            return [s["budget_draw"](keys=[self.budget_key(campaign)], args=args, client=pipe)], bool
         if kind == "group_join":
             _, campaign, group_id, buyer, event_id, size = key
-            return (lambda: s["group_join"](keys=[self._global("g", group_id)],
-                                            args=[enc(campaign, group_id), buyer, event_id, size], client=pipe),
-                    bool)
+            args = [enc(campaign, group_id), buyer, event_id, size]
+            return [s["group_join"](keys=[self._global("g", group_id)], args=args, client=pipe)], bool
         raise ValueError(f"unknown key kind {kind!r}")
+
+    def _generation(self, length_ms: int) -> int:
+        return int(self.clock() * 1000) // length_ms
+
+    def _seen_keys(self, partition: int, digest: bytes) -> tuple[str, str]:
+        """This and the previous generation of the duplicate marks (each lives a retention)."""
+        generation = self._generation(self.dedup_retention_ms // 2)
+        bucket = int.from_bytes(digest[:2], "big") % SEEN_BUCKETS
+        current = self._part(partition, f"e:{generation}:{bucket}")
+        return current, self._part(partition, f"e:{generation - 1}:{bucket}")
 
     # -- commit ---------------------------------------------------------------------
 
@@ -217,6 +283,7 @@ class RedisStore:
         atomically: a crash in between re-runs the batch, which changes nothing twice."""
         pipe = self.r.pipeline(transaction=False)
         part_hashes: dict[str, dict[bytes | str, bytes]] = {}
+        expiring: set[str] = set()
         for key, value in commit.writes.items():
             kind = key[0]
             if kind == "user":
@@ -226,9 +293,9 @@ class RedisStore:
                 )
             elif kind == "seen":
                 digest = event_digest(key[1])
-                part_hashes.setdefault(self._part(commit.partition, f"e:{digest[0] * 256 + digest[1]}"), {})[
-                    digest
-                ] = b"1"
+                seen_key = self._seen_keys(commit.partition, digest)[0]
+                expiring.add(seen_key)
+                part_hashes.setdefault(seen_key, {})[digest] = b"1"
             elif kind == "share":
                 pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
             elif kind == "order":
@@ -239,9 +306,11 @@ class RedisStore:
             credits.setdefault(self._bucket(entry.beneficiary), []).extend(
                 [entry.entry_id, enc(entry.campaign, entry.beneficiary), entry.amount]
             )
+        generation = self._generation(APPLIED_GENERATION_MS)
         for bucket, args in credits.items():
-            self._scripts["credit"](keys=[f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}"],
-                                    args=args, client=pipe)
+            keys = [f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}:{generation}",
+                    f"{self.prefix}:ap:{{{bucket}}}:{generation - 1}"]
+            self._scripts["credit"](keys=keys, args=[2 * APPLIED_GENERATION_MS, *args], client=pipe)
         returns: dict[str, list] = {}
         for campaign, entry_id, amount in commit.budget_returns:
             returns.setdefault(campaign, []).extend([entry_id, amount])
@@ -255,7 +324,7 @@ class RedisStore:
         args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position]
         for hkey, fields in part_hashes.items():
             keys.append(hkey)
-            args.append(len(fields))
+            args.extend([self.dedup_retention_ms if hkey in expiring else 0, len(fields)])
             for name, value in fields.items():
                 args.extend([name, value])
         self._scripts["commit"](keys=keys, args=args, client=pipe)

@@ -61,7 +61,8 @@ class Context:
             if not fits:
                 self.budget_cut.append({"beneficiary": beneficiary, "amount": amount, "kind": kind, "level": level})
                 return None
-        entry = LedgerEntry(entry_id, self.campaign.id, beneficiary, amount, kind, level, source, event.user_id, event.ts)
+        entry = LedgerEntry(entry_id, self.campaign.id, beneficiary, amount, kind, level, source,
+                            event.user_id, event.ts)
         self.entries.append(entry)
         return entry
 
