@@ -280,25 +280,19 @@ class RedisStore:
 
     def commit(self, commit: Commit) -> None:
         """Cross-slot effects first (each idempotent), then the partition's state and position
-        atomically: a crash in between re-runs the batch, which changes nothing twice."""
+        atomically, in one pipeline: a crash in between re-runs the batch, which then changes
+        nothing twice."""
         pipe = self.r.pipeline(transaction=False)
-        part_hashes: dict[str, dict[bytes | str, bytes]] = {}
-        expiring: set[str] = set()
+        self._effects(pipe, commit)
+        self._partition_commit(pipe, commit)
+        pipe.execute()
+
+    def _effects(self, pipe: Any, commit: Commit) -> None:
+        """Shares, orders, credits and budget returns: other slots, each write idempotent."""
         for key, value in commit.writes.items():
-            kind = key[0]
-            if kind == "user":
-                _, campaign, user_id = key
-                part_hashes.setdefault(self.user_key(commit.partition, user_id), {})[enc(campaign, user_id)] = (
-                    pack_user(user_id, value)
-                )
-            elif kind == "seen":
-                digest = event_digest(key[1])
-                seen_key = self._seen_keys(commit.partition, digest)[0]
-                expiring.add(seen_key)
-                part_hashes.setdefault(seen_key, {})[digest] = b"1"
-            elif kind == "share":
+            if key[0] == "share":
                 pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
-            elif kind == "order":
+            elif key[0] == "order":
                 _, campaign, order_id = key
                 pipe.hset(self._global("o", order_id), enc(campaign, order_id), pack_order(value))
         credits: dict[int, list] = {}
@@ -316,19 +310,35 @@ class RedisStore:
             returns.setdefault(campaign, []).extend([entry_id, amount])
         for campaign, args in returns.items():
             self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=args, client=pipe)
-        queue_hash = part_hashes.setdefault(self._part(commit.partition, "q"), {})
-        for user, queue in commit.queues.items():
-            queue_hash[user] = pack_queue(queue) if queue else b""
+
+    def _partition_commit(self, pipe: Any, commit: Commit) -> None:
+        """Users, duplicate marks, queues and the position: one slot, one fenced script."""
+        hashes: dict[str, dict[bytes | str, bytes]] = {}
+        expiring: set[str] = set()
+        for key, value in commit.writes.items():
+            if key[0] == "user":
+                _, campaign, user_id = key
+                hashes.setdefault(self.user_key(commit.partition, user_id), {})[enc(campaign, user_id)] = (
+                    pack_user(user_id, value)
+                )
+            elif key[0] == "seen":
+                digest = event_digest(key[1])
+                seen_key = self._seen_keys(commit.partition, digest)[0]
+                expiring.add(seen_key)
+                hashes.setdefault(seen_key, {})[digest] = b"1"
+        if commit.queues:
+            hashes[self._part(commit.partition, "q")] = {
+                user: pack_queue(queue) if queue else b"" for user, queue in commit.queues.items()
+            }
         keys = [self._part(commit.partition, "epoch"), self._part(commit.partition, "pos")]
         epoch = commit.epoch if commit.epoch is not None else self.epochs.get(commit.partition)
         args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position]
-        for hkey, fields in part_hashes.items():
+        for hkey, fields in hashes.items():
             keys.append(hkey)
             args.extend([self.dedup_retention_ms if hkey in expiring else 0, len(fields)])
             for name, value in fields.items():
                 args.extend([name, value])
         self._scripts["commit"](keys=keys, args=args, client=pipe)
-        pipe.execute()
 
     # -- partition ownership and reads for other services ---------------------------
 

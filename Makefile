@@ -1,0 +1,46 @@
+# Two commands for a fresh machine: `make demo` (the main job, no servers) and `make test`
+# (the whole suite, starting the real Kafka, Redis and ClickHouse it needs).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint services-up services-down bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fission replay examples/events.jsonl --campaigns examples/campaigns.yaml --out out/demo
+	@echo "outputs in out/demo: ledger.jsonl outcomes.jsonl nodes.jsonl balances.json"
+
+lint: install
+	$(BIN)/ruff check .
+
+# Starts the servers (unless already running), runs ruff and pytest, stops what it started.
+# pytest's exit code 5 (no tests collected) is a failure, not a pass.
+test: install
+	@was_up=0; scripts/services status >/dev/null 2>&1 && was_up=1; \
+	exports=$$(scripts/services up) || exit 1; eval "$$exports"; \
+	rc=0; $(BIN)/ruff check . && $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$was_up = 0 ]; then scripts/services down; fi; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; rc=1; fi; \
+	exit $$rc
+
+services-up:
+	@scripts/services up
+
+services-down:
+	@scripts/services down
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache .hypothesis
