@@ -125,6 +125,11 @@ class Node:
         return asdict(self)
 
 
+def entry_id(campaign: str, source_event_id: str, kind: str, level: int, beneficiary: str, *more: str) -> str:
+    """A ledger entry's id: derived from what made it, so every re-run and every store agrees."""
+    return stable_id(campaign, source_event_id, kind, level, beneficiary, *more)
+
+
 def stable_id(*parts: str | int) -> str:
     """A deterministic id from parts that may hold any character (length-prefixed, then hashed)."""
     packed = "".join(f"{len(str(p))}:{p}" for p in parts)

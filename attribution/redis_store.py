@@ -35,7 +35,7 @@ import orjson
 import redis
 
 from attribution.events import Event
-from attribution.model import BOUND, ORGANIC, SEED, Credit, Order, Share, User
+from attribution.model import BOUND, ORGANIC, SEED, Credit, Order, Share, User, entry_id
 from attribution.queues import Queue
 from attribution.store import Commit
 from attribution.view import Key
@@ -140,7 +140,8 @@ def unpack_share(share_id: str, raw: bytes | None) -> Share | None:
 
 
 def pack_order(order: Order) -> bytes:
-    credits = [[c.entry_id, c.beneficiary, c.amount, c.kind, c.level] for c in order.credits]
+    """The credits an order made, for its refund; their entry ids are derived, not stored."""
+    credits = [[c.beneficiary, c.amount, c.kind, c.level] for c in order.credits]
     return orjson.dumps(["o", order.event_id, order.buyer, credits, order.refunded_by])
 
 
@@ -149,7 +150,9 @@ def unpack_order(campaign: str, order_id: str, raw: bytes | None) -> Order | Non
     if not item or item[0] != "o":
         return None
     _, event_id, buyer, credits, refunded_by = item
-    return Order(campaign, order_id, buyer, event_id, tuple(Credit(*c) for c in credits), refunded_by)
+    made = tuple(Credit(entry_id(campaign, event_id, kind, level, who), who, amount, kind, level)
+                 for who, amount, kind, level in credits)
+    return Order(campaign, order_id, buyer, event_id, made, refunded_by)
 
 
 def pack_queue(queue: Queue) -> bytes:
@@ -189,6 +192,7 @@ class RedisStore:
         self.dedup_retention_ms = dedup_retention_ms
         self.clock = clock
         self.epochs: dict[int, int] = {}
+        self._settled_marks: list[tuple[str, list[str]]] = []
         self._scripts = {
             name: client.register_script(_script(name))
             for name in ("claim", "device", "budget_draw", "budget_return", "group_join", "credit", "commit")
@@ -283,12 +287,19 @@ class RedisStore:
         atomically, in one pipeline: a crash in between re-runs the batch, which then changes
         nothing twice."""
         pipe = self.r.pipeline(transaction=False)
-        self._effects(pipe, commit)
+        for key, entry_ids in self._settled_marks:
+            pipe.hdel(key, *entry_ids)
+        marks = self._effects(pipe, commit)
         self._partition_commit(pipe, commit)
         pipe.execute()
+        self._settled_marks = marks
 
-    def _effects(self, pipe: Any, commit: Commit) -> None:
-        """Shares, orders, credits and budget returns: other slots, each write idempotent."""
+    def _effects(self, pipe: Any, commit: Commit) -> list[tuple[str, list[str]]]:
+        """Shares, orders, credits and budget returns: other slots, each write idempotent.
+
+        Returns the applied-credit marks it made. They guard only the window until the
+        partition commit; once that succeeded the next commit deletes them (no extra round
+        trip), and a crash leaves them to expire with their generation."""
         for key, value in commit.writes.items():
             if key[0] == "share":
                 pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
@@ -301,15 +312,18 @@ class RedisStore:
                 [entry.entry_id, enc(entry.campaign, entry.beneficiary), entry.amount]
             )
         generation = self._generation(APPLIED_GENERATION_MS)
+        marks = []
         for bucket, args in credits.items():
             keys = [f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}:{generation}",
                     f"{self.prefix}:ap:{{{bucket}}}:{generation - 1}"]
             self._scripts["credit"](keys=keys, args=[2 * APPLIED_GENERATION_MS, *args], client=pipe)
+            marks.append((keys[1], args[0::3]))
         returns: dict[str, list] = {}
-        for campaign, entry_id, amount in commit.budget_returns:
-            returns.setdefault(campaign, []).extend([entry_id, amount])
+        for campaign, ident, amount in commit.budget_returns:
+            returns.setdefault(campaign, []).extend([ident, amount])
         for campaign, args in returns.items():
             self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=args, client=pipe)
+        return marks
 
     def _partition_commit(self, pipe: Any, commit: Commit) -> None:
         """Users, duplicate marks, queues and the position: one slot, one fenced script."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from attribution.campaigns import Campaign
 from attribution.events import Event
-from attribution.model import BOUND, ORGANIC, SEED, Credit, LedgerEntry, Order, Share, User, stable_id
+from attribution.model import BOUND, ORGANIC, SEED, Credit, LedgerEntry, Order, Share, User, entry_id
 from attribution.view import View
 
 
@@ -55,13 +55,13 @@ class Context:
             return None
         event = self.event
         source = source_event_id or event.event_id
-        entry_id = stable_id(self.campaign.id, source, kind, level, beneficiary, *entry_key)
+        ident = entry_id(self.campaign.id, source, kind, level, beneficiary, *entry_key)
         if amount > 0 and self.campaign.budget is not None:
-            fits = self.view.get(("budget", self.campaign.id, entry_id, amount, self.campaign.budget))
+            fits = self.view.get(("budget", self.campaign.id, ident, amount, self.campaign.budget))
             if not fits:
                 self.budget_cut.append({"beneficiary": beneficiary, "amount": amount, "kind": kind, "level": level})
                 return None
-        entry = LedgerEntry(entry_id, self.campaign.id, beneficiary, amount, kind, level, source,
+        entry = LedgerEntry(ident, self.campaign.id, beneficiary, amount, kind, level, source,
                             event.user_id, event.ts)
         self.entries.append(entry)
         return entry

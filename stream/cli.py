@@ -57,6 +57,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from stream.simulate import SimulationParams, campaign_config, simulate, write_jsonl
+
+    params = SimulationParams(campaign=args.campaign, seed=args.seed, seeds=args.seeds, target_k=args.k,
+                              max_events=args.events, bad_rate=args.bad_rate, duplicate_rate=args.duplicate_rate)
+    if args.campaigns_out:
+        Path(args.campaigns_out).write_bytes(orjson.dumps(campaign_config(params), option=orjson.OPT_INDENT_2))
+    bar, update = _progress(params.max_events, "simulate")
+    events = simulate(params)
+    if update:
+        events = _counting(events, update)
+    if bar:
+        with bar:
+            written = write_jsonl(args.out, events)
+    else:
+        written = write_jsonl(args.out, events)
+    print(f"simulated {written} events of campaign {params.campaign} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _counting(events, update):
+    for count, event in enumerate(events, start=1):
+        if count % 1000 == 0:
+            update(count)
+        yield event
+
+
 def cmd_balances(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, store=args.store, redis_url=args.redis_url, redis_prefix=args.redis_prefix)
     balances = open_store(settings).balances(args.campaign)
@@ -96,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--out", type=Path, required=True, help="output directory")
     _store_flags(replay)
     replay.set_defaults(run=cmd_replay)
+
+    simulate = commands.add_parser("simulate", help="simulate a viral campaign into a JSONL file",
+                                   description="Generate a realistic viral campaign (seeds, a branching "
+                                   "process with target K, purchases, refunds, fraud, bad events).")
+    simulate.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    simulate.add_argument("--campaigns-out", type=Path, help="also write a matching campaigns file")
+    simulate.add_argument("--events", type=int, default=20_000, help="number of events (default 20000)")
+    simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    simulate.add_argument("--seeds", type=int, default=20, help="seed users: KOLs, fans, staff (default 20)")
+    simulate.add_argument("--k", type=float, default=1.3, help="target binds per sharer (default 1.3)")
+    simulate.add_argument("--campaign", default="spring-red-packet", help="campaign id")
+    simulate.add_argument("--bad-rate", type=float, default=0.01, help="share of malformed events (default 0.01)")
+    simulate.add_argument("--duplicate-rate", type=float, default=0.01, help="share of redeliveries (default 0.01)")
+    simulate.set_defaults(run=cmd_simulate)
 
     balances = commands.add_parser("balances", help="show balances from the configured store",
                                    description="Print balances (campaign, beneficiary, amount).")
