@@ -77,7 +77,8 @@ def report(result: dict) -> str:
         f"user hashes encoded as: {', '.join(result['user_hash_encodings'])}",
         "per key family (keys, MEMORY USAGE bytes per bound user):",
     ]
-    lines += [f"  {name:<10} {count:>8,} keys {per_user:8.1f}" for name, (count, per_user) in result["by_family"].items()]
+    for name, (count, per_user) in result["by_family"].items():
+        lines.append(f"  {name:<10} {count:>8,} keys {per_user:8.1f}")
     return "\n".join(lines)
 
 

@@ -83,9 +83,11 @@ def main() -> None:
     print(f"{len(events):,} events, batches of {BATCH}")
     print(f"baseline parse+validate     {parse_eps:12,.0f} events/s")
     print(f"baseline raw Redis pipeline {raw_eps:12,.0f} events/s")
-    print(f"engine, embedded store      {embedded['eps']:12,.0f} events/s  = {embedded['eps'] / parse_eps:.2f} x parse;"
+    print(f"engine, embedded store      {embedded['eps']:12,.0f} events/s  = "
+          f"{embedded['eps'] / parse_eps:.2f} x parse;"
           f"  batch p50 {embedded['p50'] * 1000:.1f} ms, p99 {embedded['p99'] * 1000:.1f} ms")
-    print(f"engine, Redis store         {on_redis['eps']:12,.0f} events/s  = {on_redis['eps'] / raw_eps:.2f} x raw Redis;"
+    print(f"engine, Redis store         {on_redis['eps']:12,.0f} events/s  = "
+          f"{on_redis['eps'] / raw_eps:.2f} x raw Redis;"
           f"  batch p50 {on_redis['p50'] * 1000:.1f} ms, p99 {on_redis['p99'] * 1000:.1f} ms")
 
 
