@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
 from attribution.campaigns import Campaign
 from attribution.events import Event, Invalid, parse_event
-from attribution.model import NO_LINEAGE, LedgerEntry, Node, Outcome, User
+from attribution.model import NO_LINEAGE, LedgerEntry, Node, Outcome, User, stable_id
 from attribution.queues import Queue
 from attribution.rules import RULES, Context, Result
 from attribution.store import Commit, Store
@@ -163,14 +163,15 @@ class Engine:
         parsed = parse_event(message.value)
         if isinstance(parsed, Invalid):
             outcome = Outcome(parsed.event_id, parsed.campaign, parsed.type, parsed.user_id, "rejected",
-                              "invalid_event", detail=parsed.detail)
+                              "invalid_event", detail=parsed.detail, offset=message.offset)
             self._dead(batch, outcome, message.value, message.offset)
             return
         if parsed.campaign not in self.campaigns:
             outcome = Outcome(parsed.event_id, parsed.campaign, parsed.type, parsed.user_id, "rejected",
-                              "unknown_campaign", ts=parsed.ts)
+                              "unknown_campaign", ts=parsed.ts, offset=message.offset)
             self._dead(batch, outcome, message.value, message.offset)
             return
+        parsed = replace(parsed, offset=message.offset)
         batch.staged.setdefault(parsed.user_id, deque()).append(parsed)
         batch.origin[id(parsed)] = message
         batch.work[parsed.user_id] = None
@@ -237,6 +238,10 @@ class Engine:
     def _finish(self, partition: int, batch: _Batch, position: int | None) -> BatchResult:
         self._rounds(batch)
         view, result = batch.view, batch.result
+        for outcome in result.outcomes:
+            outcome.partition = partition
+            outcome.outcome_id = stable_id(partition, "" if outcome.offset is None else outcome.offset,
+                                           outcome.event_id or "", outcome.outcome, outcome.reason or "")
         for campaign, user in sorted(batch.touched):
             state = view.dirty.get(("user", campaign, user))
             if state is not None:
@@ -326,7 +331,7 @@ class Engine:
             batch.need.extend(exc.keys)
             return False
         outcome = Outcome(event.event_id, event.campaign, event.type, event.user_id, "rejected",
-                          "wait_overflow", *lineage, ts=event.ts)
+                          "wait_overflow", *lineage, ts=event.ts, offset=event.offset)
         self._dead_event(batch, outcome, event)
         return True
 
@@ -362,8 +367,9 @@ class Engine:
                 batch.touched.add((key[1], key[2]))
         view.keep()
         outcome = Outcome(event.event_id, event.campaign, event.type, event.user_id, result.outcome,
-                          result.reason, *lineage, ts=event.ts, budget_exhausted=ctx.budget_cut)
-        batch.result.entries.extend(ctx.entries)
+                          result.reason, *lineage, ts=event.ts, budget_exhausted=ctx.budget_cut,
+                          offset=event.offset)
+        batch.result.entries.extend(replace(e, root=lineage[1]) for e in ctx.entries)
         if campaign.budget is not None:
             batch.budget_returns.extend((e.campaign, e.entry_id, -e.amount) for e in ctx.entries if e.amount < 0)
         if result.outcome == "rejected":

@@ -33,11 +33,12 @@ class Event:
     order_id: str | None = None
     amount: int | None = None
     group_id: str | None = None
+    offset: int | None = None  # where it was read from (not part of the event's JSON)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as JSON-ready fields, absent optionals left out (for queues and DLQ)."""
         out: dict[str, Any] = {}
-        for name in self.__slots__:
+        for name in self.__slots__[:-1]:
             value = getattr(self, name)
             if value is not None and not (name == "group" and value is False):
                 out[name] = value

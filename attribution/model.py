@@ -82,6 +82,7 @@ class LedgerEntry:
     source_event_id: str
     source_user: str
     ts: int
+    root: str | None = None  # the cascade of the source user, for per-cascade analytics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +102,9 @@ class Outcome:
     ts: int | None = None
     detail: str | None = None
     budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
+    partition: int | None = None
+    offset: int | None = None
+    outcome_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

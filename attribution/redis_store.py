@@ -156,12 +156,13 @@ def unpack_order(campaign: str, order_id: str, raw: bytes | None) -> Order | Non
 
 
 def pack_queue(queue: Queue) -> bytes:
-    return orjson.dumps({"w": queue.waiting_on, "t": queue.since, "e": [e.to_dict() for e in queue.events]})
+    events = [e.to_dict() for e in queue.events]
+    return orjson.dumps({"w": queue.waiting_on, "t": queue.since, "e": events, "o": [e.offset for e in queue.events]})
 
 
 def unpack_queue(raw: bytes) -> Queue:
     item = orjson.loads(raw)
-    return Queue([Event(**e) for e in item["e"]], item["w"], item["t"])
+    return Queue([Event(**e, offset=o) for e, o in zip(item["e"], item["o"], strict=True)], item["w"], item["t"])
 
 
 def event_digest(event_id: str) -> bytes:
