@@ -8,8 +8,11 @@ and `drain` here; only the store behind it differs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -22,6 +25,8 @@ from attribution.rules import RULES, Context, Result
 from attribution.store import Commit, Store
 from attribution.view import NeedsLoad, View
 
+CLAIMS = ("claim_share", "claim_order")
+ORDERED = ("device", "budget")  # operations whose answer depends on who asks first
 MAX_ROUNDS = 1000  # a batch needs a handful; more means a bug, not a big batch
 
 
@@ -92,21 +97,39 @@ class _Batch:
     now: int
     view: View = field(default_factory=View)
     staged: dict[str, deque[Event]] = field(default_factory=dict)
-    origin: dict[int, Message] = field(default_factory=dict)
     work: dict[str, None] = field(default_factory=dict)
     need: list = field(default_factory=list)
     final: set[str] = field(default_factory=set)
+    arrival: dict[int, float] = field(default_factory=dict)
+    heap: list = field(default_factory=list)
+    tiebreak: itertools.count = field(default_factory=itertools.count)
+    claims: set = field(default_factory=set)
     changed_queues: set[str] = field(default_factory=set)
     touched: set[tuple[str, str]] = field(default_factory=set)
     budget_returns: list[tuple[str, str, int]] = field(default_factory=list)
     result: BatchResult = field(default_factory=BatchResult)
 
 
+def _token(partition: int, event: Event) -> str:
+    """What a duplicate mark records: where the event was read, to recognise a re-run."""
+    return f"{partition}:{'' if event.offset is None else event.offset}"
+
+
 class Engine:
-    def __init__(self, campaigns: dict[str, Campaign], store: Store, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        campaigns: dict[str, Campaign],
+        store: Store,
+        settings: Settings | None = None,
+        emit: Callable[[int, BatchResult], None] | None = None,
+    ) -> None:
+        """`emit(partition, result)` publishes a batch's outputs; it runs *before* the batch's
+        state is committed, so outputs are never lost (a crash re-runs and re-emits them,
+        with the same ids, for consumers to deduplicate)."""
         self.campaigns = campaigns
         self.store = store
         self.settings = settings or Settings()
+        self.emit = emit
         self._partitions: dict[int, _Partition] = {}
 
     # -- public surface -------------------------------------------------------------
@@ -154,10 +177,14 @@ class Engine:
     # -- batch plumbing -------------------------------------------------------------
 
     def _batch(self, partition: int, now: int | None) -> _Batch:
+        now = int(time.time() * 1000) if now is None else now
         part = self._partitions.get(partition)
         if part is None:
-            part = self._partitions[partition] = _Partition.of(self.store.load_queues(partition))
-        return _Batch(partition, part, int(time.time() * 1000) if now is None else now)
+            queues = self.store.load_queues(partition)
+            for queue in queues.values():
+                queue.since = now  # the grace counts processing time: downtime is not waiting
+            part = self._partitions[partition] = _Partition.of(queues)
+        return _Batch(partition, part, now)
 
     def _admit(self, batch: _Batch, message: Message) -> None:
         parsed = parse_event(message.value)
@@ -171,14 +198,19 @@ class Engine:
                               "unknown_campaign", ts=parsed.ts, offset=message.offset)
             self._dead(batch, outcome, message.value, message.offset)
             return
-        parsed = replace(parsed, offset=message.offset)
+        parsed = replace(parsed, offset=message.offset, raw=message.value)
+        batch.arrival[id(parsed)] = len(batch.arrival)
         batch.staged.setdefault(parsed.user_id, deque()).append(parsed)
-        batch.origin[id(parsed)] = message
         batch.work[parsed.user_id] = None
-        batch.need.extend(self._plan(parsed))
+        planned = self._plan(parsed)
+        self._ask(batch, parsed, planned)
+        batch.claims.update(key for key in planned if key[0] in CLAIMS)
 
     def _plan(self, event: Event) -> list:
-        """Keys an event will almost surely need, fetched up front with the rest of the batch."""
+        """Keys an event will almost surely need, fetched up front with the rest of the batch.
+
+        Claims among them are released at the end of the batch when the event did not use
+        them (it was a duplicate, or still waits), so planning ahead takes no id for nothing."""
         campaign = self.campaigns[event.campaign]
         keys: list = [("user", campaign.id, event.user_id), ("seen", event.event_id)]
         if not campaign.covers(event.ts):
@@ -206,7 +238,7 @@ class Engine:
         chosen = (awaited[start:] + awaited[:start])[:limit]
         part.poll_cursor = start + len(chosen)
         for share_id in chosen:
-            batch.need.append(("share", share_id))
+            batch.need.append((-1, ("share", share_id)))
             for user in part.waiters[share_id]:
                 batch.work[user] = None
 
@@ -218,7 +250,7 @@ class Engine:
 
     def _rounds(self, batch: _Batch) -> None:
         for _ in range(MAX_ROUNDS):
-            missing = batch.view.missing(batch.need)
+            missing = batch.view.missing(self._due(batch))
             batch.need = []
             if missing:
                 batch.view.fetched.update(self.store.fetch(batch.partition, missing))
@@ -227,13 +259,43 @@ class Engine:
                 return
             users, batch.work = list(batch.work), {}
             for user in users:
+                self._schedule(batch, user)
+            while batch.heap:
+                _, _, user = heapq.heappop(batch.heap)
                 needed = len(batch.need)
-                self._drive(batch, user)
-                if len(batch.need) > needed:
+                if self._step(batch, user):
+                    self._schedule(batch, user)
+                elif len(batch.need) > needed:
                     batch.work[user] = None
             if not batch.need and not batch.work:
                 return
         raise RuntimeError("batch did not settle: a rule keeps asking for keys it was given")
+
+    def _ask(self, batch: _Batch, event: Event, keys: list) -> None:
+        """Keys to fetch for `event`; a round fetches them in arrival order, so order-dependent
+        operations (device admissions, budget draws) are decided first come, first served."""
+        seq = batch.arrival.get(id(event), -1)
+        batch.need.extend((seq, key) for key in keys)
+
+    @staticmethod
+    def _due(batch: _Batch) -> list:
+        """This round's keys in arrival order, so that among the events asking in the same
+        round, device slots and budget go first come, first served. An event that needed an
+        extra round (it waited for a share, or its user was busy) asks later: SPEC 4.6 and
+        4.7 promise only the invariants, which every order keeps."""
+        return [key for _, key in sorted(batch.need, key=lambda item: item[0])]
+
+    def _unused_claims(self, batch: _Batch) -> list:
+        """Planned claims that were granted but not used: the store gives them back."""
+        view, unused = batch.view, []
+        for key in batch.claims:
+            if not view.fetched.get(key):
+                continue
+            record_key = ("share", key[1]) if key[0] == "claim_share" else ("order", key[1], key[2])
+            record = view.dirty.get(record_key)
+            if record is None or record.event_id != key[-1]:
+                unused.append(key)
+        return unused
 
     def _finish(self, partition: int, batch: _Batch, position: int | None) -> BatchResult:
         self._rounds(batch)
@@ -247,66 +309,85 @@ class Engine:
             if state is not None:
                 result.nodes.append(Node.of(campaign, user, state))
         queues = {u: (batch.part.queues.get(u) or None) for u in batch.changed_queues}
+        if self.emit is not None:
+            self.emit(partition, result)
         self.store.commit(Commit(partition, dict(view.dirty), result.entries, batch.budget_returns,
-                                 queues, position))
+                                 queues, position, releases=self._unused_claims(batch)))
         return result
 
     # -- driving one user's events in order -----------------------------------------
 
-    def _drive(self, batch: _Batch, user: str) -> None:
+    def _next(self, batch: _Batch, user: str) -> float | None:
+        """Arrival number of the user's next event (-1: queued in an earlier batch); None: none."""
+        queue = batch.part.queues.get(user)
+        if queue is not None and queue.events:
+            return batch.arrival.get(id(queue.events[0]), -1)
+        staged = batch.staged.get(user)
+        return batch.arrival[id(staged[0])] if staged else None
+
+    def _schedule(self, batch: _Batch, user: str) -> None:
+        position = self._next(batch, user)
+        if position is not None:
+            heapq.heappush(batch.heap, (position, next(batch.tiebreak), user))
+
+    def _step(self, batch: _Batch, user: str) -> bool:
+        """Apply the user's next event. False when nothing can run now: the user waits for a
+        share, has nothing left, or needs keys fetched (then it has asked for them)."""
         part, view = batch.part, batch.view
         staged = batch.staged.get(user) or deque()
-        while True:
-            queue = part.queues.get(user)
-            if queue is not None and queue.waiting_on is not None:
-                try:
-                    recorded = view.get(("share", queue.waiting_on)) is not None
-                except NeedsLoad as exc:
-                    batch.need.extend(exc.keys)
-                    return
-                if not recorded:
-                    self._enqueue_behind(batch, user, queue, staged)
-                    return
-                part.unwait(user, queue)
-                batch.changed_queues.add(user)
-            from_queue = queue is not None and bool(queue.events)
-            if from_queue:
-                event = queue.events[0]
-            elif staged:
-                event = staged[0]
-            else:
-                return
-            final = from_queue and user in batch.final
-            result = self._run(batch, event, final)
-            if result is None:
-                return
-            if from_queue:
-                batch.final.discard(user)
-            if result.outcome == "waiting":
-                if not from_queue:
-                    if part.waiting >= self.settings.max_waiting_per_partition:
-                        if self._overflow(batch, event):
-                            staged.popleft()
-                            continue
-                        return
-                    staged.popleft()
-                    queue = part.queues[user] = Queue([event])
-                    part.waiting += 1
-                queue.waiting_on, queue.since = result.wait_for, batch.now
-                part.waiters.setdefault(result.wait_for, []).append(user)
-                batch.changed_queues.add(user)
-                continue
-            if from_queue:
-                queue.events.pop(0)
-                part.waiting -= 1
-                if not queue.events:
-                    del part.queues[user]
-                batch.changed_queues.add(user)
-            else:
+        queue = part.queues.get(user)
+        if queue is not None and queue.waiting_on is not None:
+            try:
+                recorded = view.get(("share", queue.waiting_on)) is not None
+            except NeedsLoad as exc:
+                self._ask(batch, queue.events[0], exc.keys)
+                return False
+            if not recorded:
+                self._enqueue_behind(batch, user, queue, staged)
+                return False
+            part.unwait(user, queue)
+            batch.changed_queues.add(user)
+        from_queue = queue is not None and bool(queue.events)
+        if from_queue:
+            event = queue.events[0]
+        elif staged:
+            event = staged[0]
+        else:
+            return False
+        result = self._run(batch, event, final=from_queue and user in batch.final)
+        if result is None:
+            return False
+        if from_queue:
+            batch.final.discard(user)
+        if result.outcome == "waiting":
+            if not from_queue:
+                if part.waiting >= self.settings.max_waiting_per_partition:
+                    if self._overflow(batch, event):
+                        staged.popleft()
+                        return True
+                    return False
                 staged.popleft()
-            if result.recorded_share is not None:
-                for woken in part.waiters.get(result.recorded_share, []):
-                    batch.work[woken] = None
+                queue = part.queues[user] = Queue([event])
+                part.waiting += 1
+            queue.waiting_on, queue.since = result.wait_for, batch.now
+            part.waiters.setdefault(result.wait_for, []).append(user)
+            batch.changed_queues.add(user)
+            return True
+        if from_queue:
+            queue.events.pop(0)
+            part.waiting -= 1
+            if not queue.events:
+                del part.queues[user]
+            batch.changed_queues.add(user)
+        else:
+            staged.popleft()
+        if result.recorded_share is not None:
+            now_at = batch.arrival.get(id(event), -1) + 0.5
+            for woken in part.waiters.get(result.recorded_share, []):
+                for queued in part.queues[woken].events:  # they take effect now, after this share
+                    batch.arrival[id(queued)] = max(batch.arrival.get(id(queued), -1), now_at)
+                self._schedule(batch, woken)
+        return True
 
     def _enqueue_behind(self, batch: _Batch, user: str, queue: Queue, staged: deque[Event]) -> None:
         part = batch.part
@@ -324,16 +405,34 @@ class Engine:
             staged.popleft()
 
     def _overflow(self, batch: _Batch, event: Event) -> bool:
-        """Reject an event no queue can hold. Not marked as seen: a resend may still get in."""
+        """Reject an event no queue can hold; its id counts as processed (SPEC 4), unless a copy
+        of it is already queued: marking that copy's id would turn it into a duplicate."""
+        view = batch.view
+        queue = batch.part.queues.get(event.user_id)
         try:
-            lineage = self._lineage(batch.view, event.campaign, event.user_id)
+            lineage = self._lineage(view, event.campaign, event.user_id)
+            if not (queue and any(e.event_id == event.event_id for e in queue.events)):
+                if not self._is_duplicate(view, batch.partition, event):
+                    view.put(("seen", event.event_id), _token(batch.partition, event))
         except NeedsLoad as exc:
-            batch.need.extend(exc.keys)
+            view.discard()
+            self._ask(batch, event, exc.keys)
             return False
+        view.keep()
         outcome = Outcome(event.event_id, event.campaign, event.type, event.user_id, "rejected",
                           "wait_overflow", *lineage, ts=event.ts, offset=event.offset)
         self._dead_event(batch, outcome, event)
         return True
+
+    @staticmethod
+    def _is_duplicate(view: View, partition: int, event: Event) -> bool:
+        """Seen before, unless the mark is this very message's own from a run that crashed
+        before its commit (same partition and offset): then this is that run again."""
+        key = ("seen", event.event_id)
+        mark = view.get(key)
+        if mark is None:
+            return False
+        return view.written(key) or event.offset is None or mark != _token(partition, event)
 
     @staticmethod
     def _lineage(view: View, campaign: str, user_id: str) -> tuple:
@@ -346,21 +445,22 @@ class Engine:
         campaign = self.campaigns[event.campaign]
         ctx = Context(view, campaign, event, final)
         try:
-            if view.get(("seen", event.event_id)):
+            if self._is_duplicate(view, batch.partition, event):
                 result = Result("duplicate")
             elif not campaign.covers(event.ts):
                 result = Result("rejected", "outside_campaign")
             else:
                 result = RULES[event.type](ctx)
+                ctx.settle()
             if result.outcome == "waiting":
                 view.discard()
                 return result
             if result.outcome != "duplicate":
-                view.put(("seen", event.event_id), True)
+                view.put(("seen", event.event_id), _token(batch.partition, event))
             lineage = self._lineage(view, campaign.id, event.user_id)
         except NeedsLoad as exc:
             view.discard()
-            batch.need.extend(exc.keys)
+            self._ask(batch, event, exc.keys)
             return None
         for key in view.journal_keys():
             if key[0] == "user":
@@ -380,12 +480,8 @@ class Engine:
 
     @classmethod
     def _dead_event(cls, batch: _Batch, outcome: Outcome, event: Event) -> None:
-        """Dead-letter an event: its original bytes when this batch read it, else its fields."""
-        message = batch.origin.get(id(event))
-        if message is None:
-            cls._dead(batch, outcome, orjson.dumps(event.to_dict()), None)
-        else:
-            cls._dead(batch, outcome, message.value, message.offset)
+        """Dead-letter an event with its original bytes."""
+        cls._dead(batch, outcome, event.raw if event.raw is not None else orjson.dumps(event.to_dict()), event.offset)
 
     @staticmethod
     def _dead(batch: _Batch, outcome: Outcome, raw: bytes, offset: int | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,12 +33,13 @@ class Event:
     order_id: str | None = None
     amount: int | None = None
     group_id: str | None = None
-    offset: int | None = None  # where it was read from (not part of the event's JSON)
+    offset: int | None = None  # where it was read from: not part of the event's JSON
+    raw: bytes | None = field(default=None, repr=False, compare=False)  # the bytes it was read from
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as JSON-ready fields, absent optionals left out (for queues and DLQ)."""
+        """The event as JSON-ready fields, absent optionals left out."""
         out: dict[str, Any] = {}
-        for name in self.__slots__[:-1]:
+        for name in self.__slots__[:-2]:
             value = getattr(self, name)
             if value is not None and not (name == "group" and value is False):
                 out[name] = value

@@ -3,12 +3,13 @@
 Key layout (P = partition, b = bucket = crc32(id) mod `buckets`; `{...}` is the hash tag,
 so everything one Lua script touches shares a slot):
 
-- `fx:{pP}:u:b` hash enc(campaign, user) → packed `User`; `fx:{pP}:e:<generation>:b` hash
-  event-id digest → 1 (duplicate marks, kept for `dedup_retention`); `fx:{pP}:q` hash
-  user → waiting queue; `fx:{pP}:pos` and `fx:{pP}:epoch`, the position and the owner's
-  fencing epoch. All in the partition's slot, so the batch commit writes them atomically
-  with the position. A redelivery lands on the same partition (key = user_id), so
-  duplicate marks need not be global.
+- `fx:{pP}:u:b` hash enc(campaign, user) → packed `User`; `fx:{pP}:q` hash user → waiting
+  queue; `fx:{pP}:pos` and `fx:{pP}:epoch`, the position and the owner's fencing epoch. All
+  in the partition's slot, so the batch commit writes them atomically with the position.
+- `fx:e:{b}:<generation>` event-id digest → "partition:offset" where it was read: duplicate
+  marks, global (an id is a duplicate whichever user or partition repeats it), kept for
+  `dedup_retention`. Written before the partition commit; a re-run after a crash finds its
+  own partition and offset in the mark and knows it is not a duplicate.
 - `fx:s:{b}` share_id → claim or `Share`; `fx:o:{b}` enc(campaign, order) → claim or
   `Order`; `fx:d:{b}` enc(campaign, device) → the users it bound; `fx:g:{b}`
   enc(campaign, group) → buyers and the completing event. In the id's own slot: any
@@ -28,13 +29,14 @@ import hashlib
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
 import orjson
 import redis
 
-from attribution.events import Event
+from attribution.events import parse_event
 from attribution.model import BOUND, ORGANIC, SEED, Credit, Order, Share, User, entry_id
 from attribution.queues import Queue
 from attribution.store import Commit
@@ -156,13 +158,18 @@ def unpack_order(campaign: str, order_id: str, raw: bytes | None) -> Order | Non
 
 
 def pack_queue(queue: Queue) -> bytes:
-    events = [e.to_dict() for e in queue.events]
-    return orjson.dumps({"w": queue.waiting_on, "t": queue.since, "e": events, "o": [e.offset for e in queue.events]})
+    """Queued events keep the bytes they arrived as (a dead letter carries them) and offsets."""
+    raws = [(e.raw if e.raw is not None else orjson.dumps(e.to_dict())).decode() for e in queue.events]
+    return orjson.dumps({"w": queue.waiting_on, "t": queue.since, "r": raws, "o": [e.offset for e in queue.events]})
 
 
-def unpack_queue(raw: bytes) -> Queue:
-    item = orjson.loads(raw)
-    return Queue([Event(**e, offset=o) for e, o in zip(item["e"], item["o"], strict=True)], item["w"], item["t"])
+def unpack_queue(packed: bytes) -> Queue:
+    item = orjson.loads(packed)
+    events = []
+    for text, offset in zip(item["r"], item["o"], strict=True):
+        raw = text.encode()
+        events.append(replace(parse_event(raw), offset=offset, raw=raw))
+    return Queue(events, item["w"], item["t"])
 
 
 def event_digest(event_id: str) -> bytes:
@@ -170,7 +177,6 @@ def event_digest(event_id: str) -> bytes:
 
 
 DAY_MS = 86_400_000
-SEEN_BUCKETS = 4096
 APPLIED_GENERATION_MS = DAY_MS  # marks of applied credits outlive any crash-restart by far
 
 
@@ -196,7 +202,8 @@ class RedisStore:
         self._settled_marks: list[tuple[str, list[str]]] = []
         self._scripts = {
             name: client.register_script(_script(name))
-            for name in ("claim", "device", "budget_draw", "budget_return", "group_join", "credit", "commit")
+            for name in ("claim", "release", "device", "budget_draw", "budget_return", "group_join", "credit",
+                         "commit")
         }
 
     @classmethod
@@ -240,8 +247,8 @@ class RedisStore:
             return [reply], lambda raw: unpack_user(user_id, raw) if raw else None
         if kind == "seen":
             digest = event_digest(key[1])
-            keys = self._seen_keys(partition, digest)
-            return [pipe.hexists(k, digest) for k in keys], lambda *found: any(found)
+            keys = self._seen_keys(digest)
+            return [pipe.hget(k, digest) for k in keys], lambda *marks: next((m.decode() for m in marks if m), None)
         if kind == "share":
             share_id = key[1]
             return [pipe.hget(self._global("s", share_id), share_id)], lambda raw: unpack_share(share_id, raw)
@@ -274,12 +281,11 @@ class RedisStore:
     def _generation(self, length_ms: int) -> int:
         return int(self.clock() * 1000) // length_ms
 
-    def _seen_keys(self, partition: int, digest: bytes) -> tuple[str, str]:
-        """This and the previous generation of the duplicate marks (each lives a retention)."""
+    def _seen_keys(self, digest: bytes) -> tuple[str, str]:
+        """This and the previous generation of an event id's duplicate mark (each lives a retention)."""
         generation = self._generation(self.dedup_retention_ms // 2)
-        bucket = int.from_bytes(digest[:2], "big") % SEEN_BUCKETS
-        current = self._part(partition, f"e:{generation}:{bucket}")
-        return current, self._part(partition, f"e:{generation - 1}:{bucket}")
+        bucket = int.from_bytes(digest[:2], "big") % self.buckets
+        return (f"{self.prefix}:e:{{{bucket}}}:{generation}", f"{self.prefix}:e:{{{bucket}}}:{generation - 1}")
 
     # -- commit ---------------------------------------------------------------------
 
@@ -301,46 +307,54 @@ class RedisStore:
         Returns the applied-credit marks it made. They guard only the window until the
         partition commit; once that succeeded the next commit deletes them (no extra round
         trip), and a crash leaves them to expire with their generation."""
+        marks: dict[str, dict[bytes, str]] = {}
         for key, value in commit.writes.items():
-            if key[0] == "share":
+            if key[0] == "seen":
+                digest = event_digest(key[1])
+                marks.setdefault(self._seen_keys(digest)[0], {})[digest] = value
+            elif key[0] == "share":
                 pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
             elif key[0] == "order":
                 _, campaign, order_id = key
                 pipe.hset(self._global("o", order_id), enc(campaign, order_id), pack_order(value))
+        for key in commit.releases:
+            if key[0] == "claim_share":
+                self._scripts["release"](keys=[self._global("s", key[1])], args=[key[1], key[2]], client=pipe)
+            else:
+                _, campaign, order_id, event_id = key
+                self._scripts["release"](keys=[self._global("o", order_id)], args=[enc(campaign, order_id), event_id],
+                                         client=pipe)
+        for hkey, fields in marks.items():
+            pipe.hset(hkey, mapping=fields)
+            pipe.pexpire(hkey, self.dedup_retention_ms)
         credits: dict[int, list] = {}
         for entry in commit.entries:
             credits.setdefault(self._bucket(entry.beneficiary), []).extend(
                 [entry.entry_id, enc(entry.campaign, entry.beneficiary), entry.amount]
             )
         generation = self._generation(APPLIED_GENERATION_MS)
-        marks = []
+        applied = []
         for bucket, args in credits.items():
             keys = [f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}:{generation}",
                     f"{self.prefix}:ap:{{{bucket}}}:{generation - 1}"]
             self._scripts["credit"](keys=keys, args=[2 * APPLIED_GENERATION_MS, *args], client=pipe)
-            marks.append((keys[1], args[0::3]))
+            applied.append((keys[1], args[0::3]))
         returns: dict[str, list] = {}
         for campaign, ident, amount in commit.budget_returns:
             returns.setdefault(campaign, []).extend([ident, amount])
         for campaign, args in returns.items():
             self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=args, client=pipe)
-        return marks
+        return applied
 
     def _partition_commit(self, pipe: Any, commit: Commit) -> None:
         """Users, duplicate marks, queues and the position: one slot, one fenced script."""
         hashes: dict[str, dict[bytes | str, bytes]] = {}
-        expiring: set[str] = set()
         for key, value in commit.writes.items():
             if key[0] == "user":
                 _, campaign, user_id = key
                 hashes.setdefault(self.user_key(commit.partition, user_id), {})[enc(campaign, user_id)] = (
                     pack_user(user_id, value)
                 )
-            elif key[0] == "seen":
-                digest = event_digest(key[1])
-                seen_key = self._seen_keys(commit.partition, digest)[0]
-                expiring.add(seen_key)
-                hashes.setdefault(seen_key, {})[digest] = b"1"
         if commit.queues:
             hashes[self._part(commit.partition, "q")] = {
                 user: pack_queue(queue) if queue else b"" for user, queue in commit.queues.items()
@@ -350,7 +364,7 @@ class RedisStore:
         args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position]
         for hkey, fields in hashes.items():
             keys.append(hkey)
-            args.extend([self.dedup_retention_ms if hkey in expiring else 0, len(fields)])
+            args.append(len(fields))
             for name, value in fields.items():
                 args.extend([name, value])
         self._scripts["commit"](keys=keys, args=args, client=pipe)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from attribution.campaigns import Campaign
 from attribution.events import Event
 from attribution.model import BOUND, ORGANIC, SEED, Credit, LedgerEntry, Order, Share, User, entry_id
-from attribution.view import View
+from attribution.view import NeedsLoad, View
 
 
 @dataclass(slots=True)
@@ -33,6 +33,12 @@ class Context:
     final: bool = False
     entries: list[LedgerEntry] = field(default_factory=list)
     budget_cut: list[dict] = field(default_factory=list)
+    unanswered: list[tuple] = field(default_factory=list)
+
+    def settle(self) -> None:
+        """All budget draws of an event are asked for together, in one round."""
+        if self.unanswered:
+            raise NeedsLoad(self.unanswered)
 
     def user(self, user_id: str | None = None) -> User | None:
         return self.view.get(("user", self.campaign.id, user_id or self.event.user_id))
@@ -57,8 +63,10 @@ class Context:
         source = source_event_id or event.event_id
         ident = entry_id(self.campaign.id, source, kind, level, beneficiary, *entry_key)
         if amount > 0 and self.campaign.budget is not None:
-            fits = self.view.get(("budget", self.campaign.id, ident, amount, self.campaign.budget))
-            if not fits:
+            key = ("budget", self.campaign.id, ident, amount, self.campaign.budget)
+            if not self.view.has(key):
+                self.unanswered.append(key)  # assume it fits; the event re-runs once answered
+            elif not self.view.get(key):
                 self.budget_cut.append({"beneficiary": beneficiary, "amount": amount, "kind": kind, "level": level})
                 return None
         entry = LedgerEntry(ident, self.campaign.id, beneficiary, amount, kind, level, source,

@@ -28,6 +28,7 @@ class Commit:
     queues: dict[str, Queue | None]
     position: int | None = None
     epoch: int | None = None
+    releases: list[Key] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -106,12 +107,17 @@ class EmbeddedStore:
                 self.group_completed_by[group] = event_id
                 return True
             return False
-        if kind == "seen":
-            return self.values.get(key, False)
         return self.values.get(key)
 
     def commit(self, commit: Commit) -> None:
         self.values.update(commit.writes)
+        for key in commit.releases:
+            if key[0] == "claim_share" and ("share", key[1]) not in self.values:
+                if self.share_owner.get(key[1]) == key[2]:
+                    del self.share_owner[key[1]]
+            elif key[0] == "claim_order" and ("order", key[1], key[2]) not in self.values:
+                if self.order_owner.get((key[1], key[2])) == key[3]:
+                    del self.order_owner[(key[1], key[2])]
         for entry in commit.entries:
             if entry.entry_id not in self.applied:
                 self.applied.add(entry.entry_id)

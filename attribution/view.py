@@ -10,7 +10,7 @@ Keys are tuples whose first item names the kind:
 | key | value |
 |---|---|
 | ("user", campaign, user_id) | `User` or None |
-| ("seen", event_id) | bool |
+| ("seen", event_id) | the duplicate mark ("partition:offset" where it was read) or None |
 | ("share", share_id) | `Share` or None |
 | ("order", campaign, order_id) | `Order` or None |
 | ("claim_share", share_id, event_id) | bool: the share id is this event's (atomic, idempotent) |
@@ -57,6 +57,10 @@ class View:
         if key in self.fetched:
             return self.fetched[key]
         raise NeedsLoad([key])
+
+    def written(self, key: Key) -> bool:
+        """Written by this batch (not read from the store)."""
+        return key in self._journal or key in self.dirty
 
     def has(self, key: Key) -> bool:
         return key in self._journal or key in self.dirty or key in self.fetched

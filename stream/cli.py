@@ -64,24 +64,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                               max_events=args.events, bad_rate=args.bad_rate, duplicate_rate=args.duplicate_rate)
     if args.campaigns_out:
         Path(args.campaigns_out).write_bytes(orjson.dumps(campaign_config(params), option=orjson.OPT_INDENT_2))
-    bar, update = _progress(params.max_events, "simulate")
-    events = simulate(params)
-    if update:
-        events = _counting(events, update)
-    if bar:
-        with bar:
-            written = write_jsonl(args.out, events)
-    else:
-        written = write_jsonl(args.out, events)
-    print(f"simulated {written} events of campaign {params.campaign} -> {args.out}", file=sys.stderr)
+    events = list(simulate(params))
+    if args.out:
+        write_jsonl(args.out, events)
+        print(f"simulated {len(events)} events of campaign {params.campaign} -> {args.out}", file=sys.stderr)
+    if args.kafka:
+        from stream.produce import produce
+        from stream.topics import ensure_topics
+
+        settings = load_settings(args.config, kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix,
+                                 partitions=args.partitions)
+        ensure_topics(settings.kafka_bootstrap, settings.topics(), settings.partitions, settings.replication)
+        topic = settings.topics().events
+        bar, update = _progress(len(events), f"produce -> {topic}")
+        if bar:
+            with bar:
+                sent = produce(settings.kafka_bootstrap, topic, events, args.rate, update)
+        else:
+            sent = produce(settings.kafka_bootstrap, topic, events, args.rate)
+        print(f"produced {sent} events to {topic} at {settings.kafka_bootstrap}", file=sys.stderr)
     return 0
 
 
-def _counting(events, update):
-    for count, event in enumerate(events, start=1):
-        if count % 1000 == 0:
-            update(count)
-        yield event
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream.logs import configure_logging
+    from stream.worker import run_worker
+
+    configure_logging(args.log_level)
+    settings = load_settings(args.config, campaigns=args.campaigns, kafka_bootstrap=args.bootstrap,
+                             redis_url=args.redis_url, redis_prefix=args.redis_prefix,
+                             topic_prefix=args.topic_prefix, metrics_port=args.metrics_port,
+                             partitions=args.partitions, app_id=args.app_id)
+    run_worker(settings, load_campaigns(settings.campaigns), until_idle=args.until_idle, loglevel=args.log_level)
+    return 0
 
 
 def cmd_balances(args: argparse.Namespace) -> int:
@@ -127,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="simulate a viral campaign into a JSONL file",
                                    description="Generate a realistic viral campaign (seeds, a branching "
                                    "process with target K, purchases, refunds, fraud, bad events).")
-    simulate.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    simulate.add_argument("--out", type=Path, help="JSONL file to write")
+    simulate.add_argument("--kafka", action="store_true", help="also produce the events to the input topic")
+    simulate.add_argument("--rate", type=float, help="events per second when producing (default: as fast as possible)")
+    simulate.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
+    simulate.add_argument("--topic-prefix", help="topic names are PREFIX.events, ... (default: referral)")
+    simulate.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
     simulate.add_argument("--campaigns-out", type=Path, help="also write a matching campaigns file")
     simulate.add_argument("--events", type=int, default=20_000, help="number of events (default 20000)")
     simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -137,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bad-rate", type=float, default=0.01, help="share of malformed events (default 0.01)")
     simulate.add_argument("--duplicate-rate", type=float, default=0.01, help="share of redeliveries (default 0.01)")
     simulate.set_defaults(run=cmd_simulate)
+
+    worker = commands.add_parser("worker", help="run the streaming worker (Faust on Kafka, Redis state)",
+                                 description="Consume PREFIX.events, attribute in batches, publish outcomes, "
+                                 "rewards, nodes and dead letters, commit state and positions in Redis.")
+    worker.add_argument("--campaigns", help="campaigns YAML (default: settings)")
+    worker.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
+    worker.add_argument("--topic-prefix", help="topic names are PREFIX.events, ... (default: referral)")
+    worker.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
+    worker.add_argument("--app-id", help="Faust app id = consumer group (default: fission-attribution)")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
+    worker.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
+    worker.add_argument("--log-level", default="info", help="log level (default: info)")
+    worker.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
+    worker.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")
+    worker.set_defaults(run=cmd_worker)
 
     balances = commands.add_parser("balances", help="show balances from the configured store",
                                    description="Print balances (campaign, beneficiary, amount).")

@@ -15,6 +15,7 @@ import yaml
 
 from attribution.campaigns import ConfigError, parse_duration
 from attribution.engine import Settings as EngineSettings
+from stream.topics import Topics
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +27,29 @@ class Settings:
     redis_buckets: int = 16384
     kafka_bootstrap: str = "127.0.0.1:9092"
     clickhouse_url: str = "clickhouse://127.0.0.1:9000/default"
+    topic_prefix: str = "referral"
+    app_id: str = "fission-attribution"
+    partitions: int = 6
+    replication: int = 1
+    batch_size: int = 2000
+    batch_within_ms: int = 50
+    tick_interval_ms: int = 1000
+    metrics_port: int = 0
     grace: str = "10m"
     max_waiting_per_user: int = 100
     max_waiting_per_partition: int = 100_000
+
+    @property
+    def batch_within_s(self) -> float:
+        return self.batch_within_ms / 1000
+
+    @property
+    def tick_interval_s(self) -> float:
+        return self.tick_interval_ms / 1000
+
+    def topics(self) -> Topics:
+        p = self.topic_prefix
+        return Topics(f"{p}.events", f"{p}.outcomes", f"{p}.rewards", f"{p}.nodes", f"{p}.dlq")
 
     def engine(self) -> EngineSettings:
         return EngineSettings(

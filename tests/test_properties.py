@@ -130,3 +130,4 @@ def test_order_dependent_limits_keep_their_invariants(
     assert positive - clawed <= budget
     bound = [o for r in results for o in r.outcomes if o.outcome == "bound"]
     assert len({o.user_id for o in bound}) <= 1
+

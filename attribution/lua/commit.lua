@@ -1,7 +1,7 @@
 -- Commit one batch of one partition: its hashes and its position, atomically, fenced.
 -- KEYS[1] epoch, KEYS[2] position, KEYS[3..] hashes of the partition's slot.
 -- ARGV[1] the writer's epoch ('' = unfenced), ARGV[2] position ('' = keep), then per hash
--- a TTL in ms (0 = none), a count n and n (field, value) pairs; an empty value deletes.
+-- a count n and n (field, value) pairs; an empty value deletes the field.
 -- A writer whose epoch is not the current one lost the partition: it must not write.
 if ARGV[1] ~= '' then
   local current = redis.call('GET', KEYS[1])
@@ -11,9 +11,8 @@ if ARGV[1] ~= '' then
 end
 local a = 3
 for k = 3, #KEYS do
-  local ttl = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
+  local n = tonumber(ARGV[a])
+  a = a + 1
   for _ = 1, n do
     if ARGV[a + 1] == '' then
       redis.call('HDEL', KEYS[k], ARGV[a])
@@ -22,7 +21,6 @@ for k = 3, #KEYS do
     end
     a = a + 2
   end
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[k], ttl) end
 end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
