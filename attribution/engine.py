@@ -153,18 +153,47 @@ class Engine:
         self._poll(batch)
         return self._finish(partition, batch, None)
 
-    def drain(self, partition: int, now: int | None = None) -> BatchResult:
-        """End of input (replay): end waits round by round, as SPEC 4.8 says."""
+    def drain(self, partitions: int | list[int], now: int | None = None) -> BatchResult:
+        """End of input (replay, the embedded runner): end waits one round at a time, as SPEC
+        4.8 says, across all the given partitions: a round ends only the waits for shares no
+        queued event of any partition will record, and what it releases runs before the next."""
+        partitions = [partitions] if isinstance(partitions, int) else partitions
+        merged = BatchResult()
+        while True:
+            while self._absorb(merged, [self._settle(p, now) for p in partitions]):
+                pass  # shares recorded in one partition release waits in another: until quiet
+            parts = {p: self._partitions[p] for p in partitions}
+            heads = [(p, u, q) for p, part in parts.items() for u, q in part.queues.items() if q.waiting_on]
+            if not heads:
+                return merged
+            coming = {e.share_id for part in parts.values() for q in part.queues.values() for e in q.events
+                      if e.type == "share"}
+            hopeless = [(p, u, q) for p, u, q in heads if q.waiting_on not in coming] or heads
+            for partition in partitions:
+                batch = self._batch(partition, now)
+                for p, user, queue in hopeless:
+                    if p == partition:
+                        self._expire(batch, user, queue)
+                self._absorb(merged, [self._finish(partition, batch, None)])
+
+    def _settle(self, partition: int, now: int | None) -> BatchResult:
+        """A batch with no input that looks for every awaited share."""
         batch = self._batch(partition, now)
-        part = batch.part
-        while part.waiters:
-            coming = {e.share_id for q in part.queues.values() for e in q.events if e.type == "share"}
-            heads = [(u, q) for u, q in part.queues.items() if q.waiting_on is not None]
-            hopeless = [(u, q) for u, q in heads if q.waiting_on not in coming] or heads
-            for user, queue in hopeless:
-                self._expire(batch, user, queue)
-            self._rounds(batch)
+        self._poll(batch, everything=True)
         return self._finish(partition, batch, None)
+
+    @staticmethod
+    def _absorb(merged: BatchResult, results: list[BatchResult]) -> bool:
+        """Add results to `merged`; True when any of them produced an outcome."""
+        produced = False
+        for result in results:
+            produced = produced or bool(result.outcomes)
+            merged.outcomes += result.outcomes
+            merged.entries += result.entries
+            merged.nodes += result.nodes
+            merged.dead_letters += result.dead_letters
+            merged.fetch_rounds += result.fetch_rounds
+        return produced
 
     def forget(self, partition: int) -> None:
         """Drop what is cached of a partition (it was revoked; its next owner reloads it)."""
@@ -227,13 +256,14 @@ class Engine:
             keys.append(("order", campaign.id, event.order_id))
         return keys
 
-    def _poll(self, batch: _Batch) -> None:
-        """Re-read some awaited shares: another partition may have recorded them."""
+    def _poll(self, batch: _Batch, everything: bool = False) -> None:
+        """Re-read awaited shares (a batch's share of them, or all): another partition may have
+        recorded them."""
         part = batch.part
         awaited = list(part.waiters)
         if not awaited:
             return
-        limit = self.settings.polls_per_batch
+        limit = len(awaited) if everything else self.settings.polls_per_batch
         start = part.poll_cursor % len(awaited)
         chosen = (awaited[start:] + awaited[:start])[:limit]
         part.poll_cursor = start + len(chosen)

@@ -44,6 +44,9 @@ class Store(Protocol):
     def position(self, partition: int) -> int | None:
         """The position (next offset) committed with the partition's state, if any."""
 
+    def acquire(self, partition: int) -> int:
+        """Take a partition over; returns the new owner's epoch (earlier owners are fenced)."""
+
     def balances(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
         """Balances by campaign and beneficiary."""
 
@@ -68,6 +71,7 @@ class EmbeddedStore:
     balance: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     queues: dict[int, dict[str, Queue]] = field(default_factory=lambda: defaultdict(dict))
     positions: dict[int, int] = field(default_factory=dict)
+    epochs: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
     def fetch(self, partition: int, keys: list[Key]) -> dict[Key, Any]:
         return {key: self._answer(key) for key in keys}
@@ -140,6 +144,11 @@ class EmbeddedStore:
 
     def position(self, partition: int) -> int | None:
         return self.positions.get(partition)
+
+    def acquire(self, partition: int) -> int:
+        """One process owns everything here: the epoch only counts takeovers."""
+        self.epochs[partition] += 1
+        return self.epochs[partition]
 
     def balances(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
         return {
