@@ -498,7 +498,7 @@ class Engine:
         view.keep()
         outcome = Outcome(event.event_id, event.campaign, event.type, event.user_id, result.outcome,
                           result.reason, *lineage, ts=event.ts, budget_exhausted=ctx.budget_cut,
-                          offset=event.offset)
+                          amount=event.amount, offset=event.offset)
         batch.result.entries.extend(replace(e, root=lineage[1]) for e in ctx.entries)
         if campaign.budget is not None:
             batch.budget_returns.extend((e.campaign, e.entry_id, -e.amount) for e in ctx.entries if e.amount < 0)

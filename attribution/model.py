@@ -102,6 +102,7 @@ class Outcome:
     ts: int | None = None
     detail: str | None = None
     budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
+    amount: int | None = None  # a purchase's amount, for revenue analytics
     partition: int | None = None
     offset: int | None = None
     outcome_id: str | None = None
