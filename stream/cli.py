@@ -99,6 +99,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clickhouse(url: str):
+    from sinks.clickhouse import ChdbBackend, ServerBackend
+
+    return ChdbBackend(url.removeprefix("chdb://")) if url.startswith("chdb://") else ServerBackend(url)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sinks.clickhouse import migrate
+
+    settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database)
+    applied = migrate(_clickhouse(settings.clickhouse_url), settings.clickhouse_database)
+    print(f"applied migrations {applied or 'none (up to date)'} to {settings.clickhouse_database}", file=sys.stderr)
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from sinks.clickhouse import ClickHouseSink, migrate
+    from stream.logs import configure_logging
+    from stream.sink import SinkRunner
+
+    configure_logging(args.log_level)
+    settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database,
+                             kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix, app_id=args.app_id)
+    backend = _clickhouse(settings.clickhouse_url)
+    migrate(backend, settings.clickhouse_database)
+    sink = ClickHouseSink(backend, settings.clickhouse_database)
+    SinkRunner(settings.kafka_bootstrap, settings.topics(), f"{settings.app_id}-sink", sink).run(args.until_idle)
+    return 0
+
+
 def cmd_balances(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, store=args.store, redis_url=args.redis_url, redis_prefix=args.redis_prefix)
     balances = open_store(settings).balances(args.campaign)
@@ -172,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
     worker.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")
     worker.set_defaults(run=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the ClickHouse schema",
+                                  description="Apply the schema migrations (sinks/sql) not applied yet.")
+    migrate.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH for the embedded engine")
+    migrate.add_argument("--database", help="database name (default: fission)")
+    migrate.set_defaults(run=cmd_migrate)
+
+    sink = commands.add_parser("sink", help="write the output topics into ClickHouse",
+                               description="Consume outcomes, rewards and nodes into ClickHouse, idempotently; "
+                               "commits Kafka offsets only after ClickHouse took the rows.")
+    sink.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH")
+    sink.add_argument("--database", help="database name (default: fission)")
+    sink.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
+    sink.add_argument("--topic-prefix", help="topic names are PREFIX.outcomes, ... (default: referral)")
+    sink.add_argument("--app-id", help="consumer group is APP_ID-sink (default: fission-attribution)")
+    sink.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
+    sink.add_argument("--log-level", default="info", help="log level (default: info)")
+    sink.set_defaults(run=cmd_sink)
 
     balances = commands.add_parser("balances", help="show balances from the configured store",
                                    description="Print balances (campaign, beneficiary, amount).")

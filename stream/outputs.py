@@ -8,7 +8,6 @@ re-run after a crash publishes its outputs again.
 from __future__ import annotations
 
 import base64
-import time
 
 import orjson
 from confluent_kafka import Producer
@@ -35,14 +34,12 @@ class KafkaOutputs:
     def emit(self, partition: int, result: BatchResult) -> None:
         """Produce everything a batch made, then wait until the broker has it all."""
         produce, topics = self.producer.produce, self.topics
-        version = time.time_ns()
         for outcome in result.outcomes:
             produce(topics.outcomes, orjson.dumps(outcome.to_dict()), (outcome.user_id or "").encode())
         for entry in result.entries:
             produce(topics.rewards, orjson.dumps(entry.to_dict()), entry.beneficiary.encode())
         for node in result.nodes:
-            row = {**node.to_dict(), "version": version}
-            produce(topics.nodes, orjson.dumps(row), node.user_id.encode())
+            produce(topics.nodes, orjson.dumps(node.to_dict()), node.user_id.encode())
         self.producer.poll(0)
         for letter in result.dead_letters:
             record = {

@@ -27,6 +27,7 @@ class Settings:
     redis_buckets: int = 16384
     kafka_bootstrap: str = "127.0.0.1:9092"
     clickhouse_url: str = "clickhouse://127.0.0.1:9000/default"
+    clickhouse_database: str = "fission"
     topic_prefix: str = "referral"
     app_id: str = "fission-attribution"
     partitions: int = 6

@@ -163,3 +163,38 @@ def test_kill_minus_nine_at_random_points_then_restart_gives_the_same_balances_a
     rewards = read_topic(stack.bootstrap, stack.topics.rewards, stack.name + "-r")
     replay_ledger = [orjson.dumps(json.loads(line)) for line in (expected / "ledger.jsonl").read_text().splitlines()]
     assert ledger_rows(rewards) == ledger_rows(replay_ledger)
+
+
+def run_sink(stack: Stack, clickhouse_url: str, database: str, until_idle: float = 5, timeout: float = 120,
+             kill_after: float | None = None) -> None:
+    command = [sys.executable, "-m", "stream.cli", "sink", "--clickhouse-url", clickhouse_url, "--database", database,
+               "--bootstrap", stack.bootstrap, "--topic-prefix", stack.name, "--app-id", stack.name,
+               "--until-idle", str(until_idle), "--log-level", "warning"]
+    log = (stack.tmp / "sink.log").open("ab")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        return
+    assert process.wait(timeout=timeout) == 0, (stack.tmp / "sink.log").read_text()[-3000:]
+
+
+def test_sink_writes_every_outcome_once_even_after_clickhouse_was_down(
+    stack: Stack, clickhouse_url: str, clickhouse_client, clickhouse_database: str
+) -> None:
+    stack.produce()
+    stack.run_until_idle()
+    down = "clickhouse://127.0.0.1:1/default"
+    run_sink(stack, down, clickhouse_database, kill_after=4)  # buffers, retries, commits nothing
+    run_sink(stack, clickhouse_url, clickhouse_database, kill_after=3)  # killed mid-way: offsets behind rows
+    run_sink(stack, clickhouse_url, clickhouse_database)
+    db = clickhouse_database
+    assert clickhouse_client.execute(f"SELECT count() FROM {db}.outcomes")[0][0] == len(stack.events)
+    expected = stack.expected()
+    entries = len((expected / "ledger.jsonl").read_text().splitlines())
+    assert clickhouse_client.execute(f"SELECT count() FROM {db}.ledger")[0][0] == entries
+    assert clickhouse_client.execute(f"SELECT countMerge(events) FROM {db}.campaign_minute")[0][0] == len(stack.events)
+    binds = sum(1 for line in (expected / "outcomes.jsonl").read_text().splitlines() if '"outcome":"bound"' in line)
+    assert clickhouse_client.execute(
+        f"SELECT countMerge(events) FROM {db}.campaign_minute WHERE outcome = 'bound'")[0][0] == binds
