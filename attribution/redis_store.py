@@ -15,9 +15,11 @@ so everything one Lua script touches shares a slot):
   enc(campaign, group) → buyers and the completing event. In the id's own slot: any
   partition may claim or join them, one Lua script each.
 - `fx:b:{campaign}` spent, per-entry draw answers and returns: the campaign's slot.
-- `fx:bal:{b}` balances by enc(campaign, beneficiary), and `fx:ap:{b}:<generation>` the
-  applied entry ids: the beneficiary's slot, so a credit and its idempotency mark are one
-  script. Readers (`balance()`) find a balance in one round trip.
+- `fx:bal:{b}` balances by enc(campaign, beneficiary), plus one high-water mark per partition
+  (`~p<P>`: the last commit sequence applied), so a batch's credits apply once per bucket
+  without a mark per entry. Credits travel through the partition's outbox
+  (`fx:{pP}:out`, `fx:{pP}:seq`), written atomically with the commit. Readers
+  (`balance()`) find a balance in one round trip.
 
 Small hashes (≤ 128 fields, values ≤ 64 bytes) stay listpack-encoded, which is what keeps
 a bound user near 100 bytes.
@@ -177,7 +179,6 @@ def event_digest(event_id: str) -> bytes:
 
 
 DAY_MS = 86_400_000
-APPLIED_GENERATION_MS = DAY_MS  # marks of applied credits outlive any crash-restart by far
 
 
 def _script(name: str) -> str:
@@ -199,11 +200,10 @@ class RedisStore:
         self.dedup_retention_ms = dedup_retention_ms
         self.clock = clock
         self.epochs: dict[int, int] = {}
-        self._settled_marks: list[tuple[str, list[str]]] = []
         self._scripts = {
             name: client.register_script(_script(name))
             for name in ("claim", "release", "device", "budget_draw", "budget_return", "group_join", "credit",
-                         "commit")
+                         "commit", "seen", "mark")
         }
 
     @classmethod
@@ -232,11 +232,21 @@ class RedisStore:
     def fetch(self, partition: int, keys: list[Key]) -> dict[Key, Any]:
         pipe = self.r.pipeline(transaction=False)
         decoders = []
+        draws: dict[str, list[Key]] = {}
         for key in keys:
+            if key[0] == "budget":
+                draws.setdefault(key[1], []).append(key)
+                continue
             commands, decode = self._read(partition, key, pipe)
             decoders.append((key, len(commands), decode))
+        for campaign, asked in draws.items():  # one script per campaign for all its draws, in order
+            args = [asked[0][4]] + [value for key in asked for value in (key[2], key[3])]
+            self._scripts["budget_draw"](keys=[self.budget_key(campaign)], args=args, client=pipe)
         replies = iter(pipe.execute())
-        return {key: decode(*[next(replies) for _ in range(n)]) for key, n, decode in decoders}
+        answers = {key: decode(*[next(replies) for _ in range(n)]) for key, n, decode in decoders}
+        for asked in draws.values():
+            answers.update(zip(asked, map(bool, next(replies)), strict=True))
+        return answers
 
     def _read(self, partition: int, key: Key, pipe: Any) -> tuple[list, Callable[..., Any]]:
         """Queue the command(s) answering `key` on the pipeline; return them and a decoder."""
@@ -247,8 +257,8 @@ class RedisStore:
             return [reply], lambda raw: unpack_user(user_id, raw) if raw else None
         if kind == "seen":
             digest = event_digest(key[1])
-            keys = self._seen_keys(digest)
-            return [pipe.hget(k, digest) for k in keys], lambda *marks: next((m.decode() for m in marks if m), None)
+            reply = s["seen"](keys=list(self._seen_keys(digest)), args=[digest], client=pipe)
+            return [reply], lambda mark: mark.decode() if mark else None
         if kind == "share":
             share_id = key[1]
             return [pipe.hget(self._global("s", share_id), share_id)], lambda raw: unpack_share(share_id, raw)
@@ -268,10 +278,6 @@ class RedisStore:
             _, campaign, device, user_id, limit = key
             args = [enc(campaign, device), user_id, limit]
             return [s["device"](keys=[self._global("d", device)], args=args, client=pipe)], bool
-        if kind == "budget":
-            _, campaign, entry_id, amount, budget = key
-            args = [entry_id, amount, budget]
-            return [s["budget_draw"](keys=[self.budget_key(campaign)], args=args, client=pipe)], bool
         if kind == "group_join":
             _, campaign, group_id, buyer, event_id, size = key
             args = [enc(campaign, group_id), buyer, event_id, size]
@@ -290,23 +296,21 @@ class RedisStore:
     # -- commit ---------------------------------------------------------------------
 
     def commit(self, commit: Commit) -> None:
-        """Cross-slot effects first (each idempotent), then the partition's state and position
-        atomically, in one pipeline: a crash in between re-runs the batch, which then changes
-        nothing twice."""
+        """Two round trips. First, the cross-slot effects that must precede the commit (each
+        idempotent: shares, orders, duplicate marks, released claims) and the partition's
+        state, position and outbox in one fenced script. Then the outbox's credits and budget
+        returns, each applied once per batch. A crash before the commit re-runs the batch,
+        which changes nothing twice; a crash after it leaves the outbox, which the partition's
+        next owner applies before anything else (`load_queues`)."""
         pipe = self.r.pipeline(transaction=False)
-        for key, entry_ids in self._settled_marks:
-            pipe.hdel(key, *entry_ids)
-        marks = self._effects(pipe, commit)
-        self._partition_commit(pipe, commit)
-        pipe.execute()
-        self._settled_marks = marks
+        self._effects(pipe, commit)
+        payload = self._outbox_payload(commit)
+        self._partition_commit(pipe, commit, payload)
+        seq = pipe.execute()[-1]
+        if seq:
+            self._apply(commit.partition, int(seq), payload)
 
-    def _effects(self, pipe: Any, commit: Commit) -> list[tuple[str, list[str]]]:
-        """Shares, orders, credits and budget returns: other slots, each write idempotent.
-
-        Returns the applied-credit marks it made. They guard only the window until the
-        partition commit; once that succeeded the next commit deletes them (no extra round
-        trip), and a crash leaves them to expire with their generation."""
+    def _effects(self, pipe: Any, commit: Commit) -> None:
         marks: dict[str, dict[bytes, str]] = {}
         for key, value in commit.writes.items():
             if key[0] == "seen":
@@ -325,29 +329,38 @@ class RedisStore:
                 self._scripts["release"](keys=[self._global("o", order_id)], args=[enc(campaign, order_id), event_id],
                                          client=pipe)
         for hkey, fields in marks.items():
-            pipe.hset(hkey, mapping=fields)
-            pipe.pexpire(hkey, self.dedup_retention_ms)
+            args = [self.dedup_retention_ms] + [value for pair in fields.items() for value in pair]
+            self._scripts["mark"](keys=[hkey], args=args, client=pipe)
+
+    def _outbox_payload(self, commit: Commit) -> bytes:
+        """What the batch credits, grouped by balance bucket, and gives back to budgets."""
+        if not commit.entries and not commit.budget_returns:
+            return b""
         credits: dict[int, list] = {}
         for entry in commit.entries:
             credits.setdefault(self._bucket(entry.beneficiary), []).extend(
-                [entry.entry_id, enc(entry.campaign, entry.beneficiary), entry.amount]
+                [enc(entry.campaign, entry.beneficiary), entry.amount]
             )
-        generation = self._generation(APPLIED_GENERATION_MS)
-        applied = []
-        for bucket, args in credits.items():
-            keys = [f"{self.prefix}:bal:{{{bucket}}}", f"{self.prefix}:ap:{{{bucket}}}:{generation}",
-                    f"{self.prefix}:ap:{{{bucket}}}:{generation - 1}"]
-            self._scripts["credit"](keys=keys, args=[2 * APPLIED_GENERATION_MS, *args], client=pipe)
-            applied.append((keys[1], args[0::3]))
-        returns: dict[str, list] = {}
-        for campaign, ident, amount in commit.budget_returns:
-            returns.setdefault(campaign, []).extend([ident, amount])
-        for campaign, args in returns.items():
-            self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=args, client=pipe)
-        return applied
+        returns: dict[str, int] = {}
+        for campaign, _, amount in commit.budget_returns:
+            returns[campaign] = returns.get(campaign, 0) + amount
+        return orjson.dumps({"c": credits, "r": returns}, option=orjson.OPT_NON_STR_KEYS)
 
-    def _partition_commit(self, pipe: Any, commit: Commit) -> None:
-        """Users, duplicate marks, queues and the position: one slot, one fenced script."""
+    def _apply(self, partition: int, seq: int, payload: bytes) -> None:
+        """Apply one outbox entry (idempotent per balance bucket and budget), then drop it."""
+        item = orjson.loads(payload)
+        pipe = self.r.pipeline(transaction=False)
+        for bucket, pairs in item["c"].items():
+            self._scripts["credit"](keys=[f"{self.prefix}:bal:{{{bucket}}}"], args=[partition, seq, *pairs],
+                                    client=pipe)
+        for campaign, amount in item["r"].items():
+            self._scripts["budget_return"](keys=[self.budget_key(campaign)], args=[partition, seq, amount],
+                                           client=pipe)
+        pipe.hdel(self._part(partition, "out"), seq)
+        pipe.execute()
+
+    def _partition_commit(self, pipe: Any, commit: Commit, payload: bytes) -> None:
+        """Users, queues, position and the outbox entry: one slot, one fenced script."""
         hashes: dict[str, dict[bytes | str, bytes]] = {}
         for key, value in commit.writes.items():
             if key[0] == "user":
@@ -359,9 +372,10 @@ class RedisStore:
             hashes[self._part(commit.partition, "q")] = {
                 user: pack_queue(queue) if queue else b"" for user, queue in commit.queues.items()
             }
-        keys = [self._part(commit.partition, "epoch"), self._part(commit.partition, "pos")]
+        part = commit.partition
+        keys = [self._part(part, "epoch"), self._part(part, "pos"), self._part(part, "seq"), self._part(part, "out")]
         epoch = commit.epoch if commit.epoch is not None else self.epochs.get(commit.partition)
-        args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position]
+        args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position, payload]
         for hkey, fields in hashes.items():
             keys.append(hkey)
             args.append(len(fields))
@@ -378,6 +392,9 @@ class RedisStore:
         return epoch
 
     def load_queues(self, partition: int) -> dict[str, Queue]:
+        """Take over a partition's waiting queues, after applying what its outbox still holds."""
+        for seq, payload in sorted((int(k), v) for k, v in self.r.hgetall(self._part(partition, "out")).items()):
+            self._apply(partition, seq, payload)
         raw = self.r.hgetall(self._part(partition, "q"))
         return {user.decode(): unpack_queue(value) for user, value in raw.items()}
 
@@ -389,6 +406,8 @@ class RedisStore:
         out: dict[str, dict[str, int]] = {}
         for key in self.r.scan_iter(match=f"{self.prefix}:bal:*", count=1000):
             for field, amount in self.r.hgetall(key).items():
+                if field.startswith(b"~"):
+                    continue  # a partition's high-water mark, not a balance
                 c, user = dec(field.decode())
                 if campaign is None or c == campaign:
                     out.setdefault(c, {})[user] = int(amount)

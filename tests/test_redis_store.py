@@ -23,21 +23,26 @@ class Crash(Exception):
 
 
 class CrashingStore(RedisStore):
-    """Applies the cross-slot effects of batch `crash_at`, then dies before the partition commit."""
+    """Dies during the commit of batch `crash_at`: after the cross-slot effects (before the
+    partition commit), or after the partition commit (before its outbox is applied)."""
 
-    def __init__(self, *args, crash_at: int, **kwargs) -> None:
+    def __init__(self, *args, crash_at: int, after_commit: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.crash_at = crash_at
+        self.after_commit = after_commit
         self.commits = 0
 
     def commit(self, commit) -> None:
         self.commits += 1
-        if self.commits == self.crash_at:
-            pipe = self.r.pipeline(transaction=False)
-            self._effects(pipe, commit)
-            pipe.execute()
-            raise Crash
-        super().commit(commit)
+        if self.commits != self.crash_at:
+            super().commit(commit)
+            return
+        pipe = self.r.pipeline(transaction=False)
+        self._effects(pipe, commit)
+        if self.after_commit:
+            self._partition_commit(pipe, commit, self._outbox_payload(commit))
+        pipe.execute()
+        raise Crash
 
 
 def messages() -> list[Message]:
@@ -58,16 +63,17 @@ def client(redis_url: str, redis_key_prefix: str):
         client.delete(*keys)
 
 
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "before-outbox"])
 @pytest.mark.parametrize("crash_at", [1, 3, 7, 15])
-def test_crash_between_effects_and_partition_commit_changes_nothing_twice(
-    client: redis.Redis, redis_key_prefix: str, crash_at: int
+def test_a_crash_inside_a_commit_then_a_restart_credits_nothing_twice_and_loses_nothing(
+    client: redis.Redis, redis_key_prefix: str, crash_at: int, after_commit: bool
 ) -> None:
     campaigns = load_campaigns(CASE / "campaigns.yaml")
     reference = EmbeddedStore()
     run_all(Engine(campaigns, reference), messages())
     Engine(campaigns, reference).drain(0)
 
-    crashing = CrashingStore(client, prefix=redis_key_prefix, buckets=64, crash_at=crash_at)
+    crashing = CrashingStore(client, prefix=redis_key_prefix, buckets=64, crash_at=crash_at, after_commit=after_commit)
     with pytest.raises(Crash):
         run_all(Engine(campaigns, crashing), messages())
     restarted = RedisStore(client, prefix=redis_key_prefix, buckets=64)

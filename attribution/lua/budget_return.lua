@@ -1,8 +1,8 @@
--- Give a clawback's amount back to the budget, once per clawback entry.
--- KEYS[1] budget hash; ARGV: pairs of (entry_id, amount).
-for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], 'r:' .. ARGV[i], 1) == 1 then
-    redis.call('HINCRBY', KEYS[1], 'spent', -tonumber(ARGV[i + 1]))
-  end
-end
+-- Give a committed batch's clawbacks back to the campaign budget, exactly once.
+-- KEYS[1] budget hash; ARGV[1] partition, ARGV[2] commit sequence number, ARGV[3] amount.
+local mark = '~p' .. ARGV[1]
+local done = tonumber(redis.call('HGET', KEYS[1], mark) or '0')
+if tonumber(ARGV[2]) <= done then return 0 end
+redis.call('HINCRBY', KEYS[1], 'spent', -tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], mark, ARGV[2])
 return 1

@@ -1,13 +1,13 @@
--- Apply ledger entries to balances, each exactly once.
--- KEYS[1] balances hash; KEYS[2], KEYS[3] this and the previous generation of the
--- applied-entries hash (same slot); ARGV[1] TTL of a generation in ms, then triples of
--- (entry_id, balance field, amount). An entry already applied is skipped, so a batch
--- re-run after a crash credits nothing twice. Marks only need to outlive a crash-restart
--- (after the partition commit no batch is re-run), so generations expire.
-for i = 2, #ARGV, 3 do
-  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 and redis.call('HSETNX', KEYS[2], ARGV[i], 1) == 1 then
-    redis.call('HINCRBY', KEYS[1], ARGV[i + 1], ARGV[i + 2])
-  end
+-- Apply one committed batch's credits to one bucket of balances, exactly once.
+-- KEYS[1] balances hash; ARGV[1] partition, ARGV[2] the batch's commit sequence number,
+-- then (balance field, amount) pairs. A partition's batches are applied in sequence order,
+-- so one high-water mark per partition (field '~p<partition>') makes a repeat a no-op:
+-- no mark per ledger entry, nothing to clean up.
+local mark = '~p' .. ARGV[1]
+local done = tonumber(redis.call('HGET', KEYS[1], mark) or '0')
+if tonumber(ARGV[2]) <= done then return 0 end
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], mark, ARGV[2])
 return 1
