@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/fission replay examples/events.jsonl --campaigns examples/campaigns.yaml --out out/demo
-	@echo "outputs in out/demo: ledger.jsonl outcomes.jsonl nodes.jsonl balances.json"
+	$(BIN)/fission demo --out out/demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 SEED, BOUND, ORGANIC = "seed", "bound", "organic"
@@ -33,6 +33,11 @@ class User:
 
 
 NO_LINEAGE: tuple[None, None, None] = (None, None, None)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A slotted record as a dict, shallowly (dataclasses.asdict deep-copies: 10x slower on the hot path)."""
+    return {name: getattr(record, name) for name in record.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,7 @@ class LedgerEntry:
     root: str | None = None  # the cascade of the source user, for per-cascade analytics
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 @dataclass(slots=True)
@@ -108,7 +113,7 @@ class Outcome:
     outcome_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +132,7 @@ class Node:
         return cls(campaign, user_id, user.state, parent, root, depth, user.entered_at)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 def entry_id(campaign: str, source_event_id: str, kind: str, level: int, beneficiary: str, *more: str) -> str:

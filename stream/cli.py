@@ -129,6 +129,14 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    run_demo(args.out, events=args.events, seed=args.seed, partitions=args.partitions, live=not args.no_live,
+             target_k=args.k)
+    return 0
+
+
 def cmd_balances(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, store=args.store, redis_url=args.redis_url, redis_prefix=args.redis_prefix)
     balances = open_store(settings).balances(args.campaign)
@@ -159,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fission", description="Real-time referral attribution.")
     parser.add_argument("--config", help="settings YAML (default: FISSION_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="simulate a campaign and watch it run (no servers needed)",
+                               description="Simulate a viral campaign, run it through the embedded runner with "
+                               "the embedded store and chDB, show a live dashboard, and write an HTML report.")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default: out/demo)")
+    demo.add_argument("--events", type=int, default=40_000, help="events to simulate (default 40000)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument("--k", type=float, default=1.3, help="target binds per sharer (default 1.3)")
+    demo.add_argument("--partitions", type=int, default=4, help="partitions of the in-process log (default 4)")
+    demo.add_argument("--no-live", action="store_true", help="no live dashboard, progress lines only")
+    demo.set_defaults(run=cmd_demo)
 
     replay = commands.add_parser("replay", help="run the engine over a JSONL file of events",
                                  description="Run the engine over EVENTS (JSONL) and write ledger.jsonl, "

@@ -203,7 +203,7 @@ def dashboard(stats: LiveStats, params: SimulationParams) -> Any:
     from rich.table import Table
 
     top = Table.grid(padding=(0, 2))
-    top.add_row(ProgressBar(total=stats.total, completed=stats.processed, width=40),
+    top.add_row(ProgressBar(total=stats.total, completed=stats.processed, width=30),
                 f"[bold]{stats.processed:,}[/] / {stats.total:,} events",
                 f"[bold cyan]{stats.rate:,.0f}[/] events/s",
                 f"event time [bold]{_when(stats.watermark) if stats.watermark else '—'}[/]")
@@ -215,7 +215,7 @@ def dashboard(stats: LiveStats, params: SimulationParams) -> Any:
                               ("deepest", f"{depth} ({root or '—'})"),
                               ("cascades", f"{len(stats.cascades):,}")]),
         _metrics("money", [("rewards paid", f"{stats.paid / MINOR:,.2f}"),
-                           ("clawbacks", f"{stats.clawed / MINOR:,.2f} ({stats.clawbacks:,})")]),
+                           ("clawed back", f"{stats.clawed / MINOR:,.2f}"), ("clawbacks", f"{stats.clawbacks:,}")]),
         _metrics("fraud and errors", [*((reason, f"{stats.fraud[reason]:,}") for reason in FRAUD_REASONS),
                                       ("dead letters", f"{stats.dead_letters:,}")]),
     )

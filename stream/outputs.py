@@ -35,11 +35,11 @@ class KafkaOutputs:
         """Produce everything a batch made, then wait until the broker has it all."""
         produce, topics = self.producer.produce, self.topics
         for outcome in result.outcomes:
-            produce(topics.outcomes, orjson.dumps(outcome.to_dict()), (outcome.user_id or "").encode())
+            produce(topics.outcomes, orjson.dumps(outcome), (outcome.user_id or "").encode())
         for entry in result.entries:
-            produce(topics.rewards, orjson.dumps(entry.to_dict()), entry.beneficiary.encode())
+            produce(topics.rewards, orjson.dumps(entry), entry.beneficiary.encode())
         for node in result.nodes:
-            produce(topics.nodes, orjson.dumps(node.to_dict()), node.user_id.encode())
+            produce(topics.nodes, orjson.dumps(node), node.user_id.encode())
         self.producer.poll(0)
         for letter in result.dead_letters:
             record = {

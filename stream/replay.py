@@ -54,8 +54,8 @@ def replay(
     with (out / "ledger.jsonl").open("wb") as ledger, (out / "outcomes.jsonl").open("wb") as outcomes:
 
         def write(result: BatchResult) -> None:
-            outcomes.write(b"".join(orjson.dumps(o.to_dict()) + b"\n" for o in result.outcomes))
-            ledger.write(b"".join(orjson.dumps(e.to_dict()) + b"\n" for e in result.entries))
+            outcomes.write(b"".join(orjson.dumps(o) + b"\n" for o in result.outcomes))
+            ledger.write(b"".join(orjson.dumps(e) + b"\n" for e in result.entries))
             for entry in result.entries:
                 balances[entry.campaign][entry.beneficiary] += entry.amount
             for node in result.nodes:
@@ -71,7 +71,7 @@ def replay(
                 progress(read)
         write(engine.drain(0))
     with (out / "nodes.jsonl").open("wb") as handle:
-        handle.write(b"".join(orjson.dumps(n.to_dict()) + b"\n" for _, n in sorted(nodes.items())))
+        handle.write(b"".join(orjson.dumps(n) + b"\n" for _, n in sorted(nodes.items())))
     kept = {c: {u: a for u, a in sorted(by_user.items()) if a} for c, by_user in sorted(balances.items())}
     (out / "balances.json").write_bytes(orjson.dumps({c: b for c, b in kept.items() if b}, option=orjson.OPT_INDENT_2))
     return ReplaySummary(counts["events"], counts["outcomes"], counts["entries"], len(nodes), counts["dead_letters"])

@@ -347,15 +347,16 @@ def bar_chart(bars: Sequence[tuple[str, float]], label: str, color: str = BLUE, 
     return _svg(frame, body, label)
 
 
-def hbar_chart(bars: Sequence[tuple[str, float]], label: str, fmt: Callable[[float], str], color: str = ORANGE,
-               width: int = 540) -> str:
+def hbar_chart(bars: Sequence[tuple[str, float]], label: str, fmt: Callable[[float], str],
+               colors: Mapping[str, str] | None = None, width: int = 500, left: int = 130) -> str:
     """Horizontal bars with the value written at the end: a few categories of very different sizes."""
-    row, left = 28, 130
+    row = 28
     height = row * len(bars) + 10
-    frame = Frame(width, height, 0, max([v for _, v in bars] or [1.0]), 1, left=left, right=110)
+    frame = Frame(width, height, 0, max([v for _, v in bars] or [1.0]), 1, left=left, right=90)
     body = []
     for i, (name, value) in enumerate(bars):
         y, end = 5 + i * row, frame.px(value)
+        color = (colors or {}).get(name, ORANGE)
         body.append(f'<text x="{left - 8}" y="{y + 17}" class="tick" text-anchor="end">{html.escape(name)}</text>'
                     f'<rect x="{left}" y="{y + 4}" width="{max(end - left, 1):.1f}" height="{row - 10}" '
                     f'fill="{color}" rx="2"/><text x="{end + 6:.1f}" y="{y + 17}" class="tick">'
@@ -498,7 +499,7 @@ def depth_section(counts: Sequence[tuple[int, int]]) -> str:
 
 def leaderboard_section(board: Sequence[Mapping[str, Any]]) -> str:
     rows = [[row["root"], f"{row['size']:,}", str(row["max_depth"]), money(row["revenue"]), money(row["paid"]),
-             f"{row['ror']:.1f}×", f"{row['virality']:.2f}"] for row in board]
+             f"{row['ror']:.2f}×", f"{row['virality']:.2f}"] for row in board]
     table = _table(["seed (root)", "cascade size", "max depth", "attributed revenue", "rewards paid",
                     "return on rewards", "structural virality"], rows)
     return ("<section><h2>Top seeds</h2><p class=\"lead\">The largest cascades. Structural virality is the mean "
@@ -539,20 +540,32 @@ def stalled_section(stats: Mapping[str, Any]) -> str:
 
 
 def rewards_section(kinds: Sequence[tuple[str, int]]) -> str:
-    chart = hbar_chart(kinds, "rewards by kind", money)
-    return (f"<section class=\"half\"><h2>Rewards by kind</h2><p class=\"lead\">Ledger credits (positive) and "
-            f"clawbacks (reversed), in currency units.</p>{chart}</section>")
+    chart = hbar_chart(kinds, "rewards by kind", money, {"clawback": RED})
+    return ("<section><h2>Rewards by kind</h2><p class=\"lead\">Ledger credits, in currency units; clawbacks "
+            f"reverse the commissions and first-purchase rewards of refunded orders.</p>{chart}</section>")
 
 
-def run_section(stats: Mapping[str, Any], h: Mapping[str, Any]) -> str:
-    rows = [["simulated events", f"{stats.get('total', 0):,}"],
-            ["simulation seed · target K", f"{stats.get('seed', '')} · {stats.get('target_k', '')}"],
-            ["partitions", str(stats.get("partitions", ""))],
-            ["processing time", f"{stats.get('elapsed_s', 0):.1f} s"],
-            ["throughput", f"{stats.get('rate', 0):,.0f} events/s (engine + ClickHouse sink)"],
-            ["event time covered", stats.get("span", "")]]
-    rows += [[f"outcome {name}", f"{count:,}"] for name, count in sorted(h["by_outcome"].items(), key=lambda x: -x[1])]
-    return f"<section class=\"half\"><h2>The run</h2>{_table(['', ''], rows)}</section>"
+def outcomes_section(outcomes: Sequence[tuple[str, int]]) -> str:
+    colors = {name: RED for name, _ in outcomes if name.startswith("rejected")}
+    chart = hbar_chart(outcomes, "outcomes", lambda v: f"{v:,.0f}", colors | {"bound": BLUE, "shared": BLUE},
+                       left=190)
+    return ("<section><h2>Outcomes</h2><p class=\"lead\">One per input event; rejections with their reason "
+            f"(the simulator mixes in fraud, malformed and redelivered events).</p>{chart}</section>")
+
+
+def outcome_counts(q: Queries) -> list[tuple[str, int]]:
+    return [(f"{outcome} · {reason}" if reason else outcome, int(events)) for outcome, reason, events in q.rows(
+        "outcomes", """SELECT outcome, reason, countMerge(events) AS n FROM {db}.campaign_minute
+        GROUP BY outcome, reason ORDER BY n DESC, outcome, reason""")]
+
+
+def run_line(stats: Mapping[str, Any]) -> str:
+    """What was run, and how fast, for the page header."""
+    parts = [f"{stats.get('total', 0):,} simulated events", f"seed {stats.get('seed', '')}",
+             f"target K {stats.get('target_k', '')}", f"{stats.get('partitions', '')} partitions",
+             f"processed in {stats.get('elapsed_s', 0):.1f} s ({stats.get('rate', 0):,.0f} events/s, engine + "
+             "ClickHouse sink)", f"event time {stats.get('span', '')}"]
+    return " · ".join(html.escape(p) for p in parts)
 
 
 def sql_section(q: Queries) -> str:
@@ -566,7 +579,7 @@ STYLE = """
 font:15px/1.5 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
 main{max-width:1180px;margin:0 auto;padding:28px 24px 60px}
 header h1{margin:0;font-size:28px}header p{margin:4px 0 20px;color:#495057}
-.accent{color:#e8590c}
+.accent{color:#e8590c}.run{font-size:13px;color:#868e96}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px;margin-bottom:18px}
 .card{background:#fff;border-radius:10px;padding:14px 16px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 .card .label{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#868e96}
@@ -608,7 +621,7 @@ def write_report(backend: Backend, database: str, out_path: Path, stats: Mapping
         leaderboard_section(leaderboard(q)),
         tree_section(q, sizes),
         stalled_section(stats),
-        f'<div class="row">{rewards_section(rewards_by_kind(q))}{run_section(stats, h)}</div>',
+        f'<div class="row">{rewards_section(rewards_by_kind(q))}{outcomes_section(outcome_counts(q))}</div>',
         sql_section(q),
     ]
     title = f"fission demo · {stats.get('campaign', database)}"
@@ -616,7 +629,8 @@ def write_report(backend: Backend, database: str, out_path: Path, stats: Mapping
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{STYLE}</style></head>'
             f'<body><main><header><h1><span class="accent">fission</span> demo report</h1>'
             f'<p>Campaign <b>{html.escape(str(stats.get("campaign", "")))}</b>: a simulated viral campaign run '
-            f'through the attribution engine and the ClickHouse sink (chDB). Amounts in currency units.</p>'
+            f'through the attribution engine and the ClickHouse sink (chDB). Amounts in currency units.<br>'
+            f'<span class="run">{run_line(stats)}</span></p>'
             f'</header>{"".join(sections)}</main></body></html>')
     out_path = Path(out_path)
     out_path.write_text(page, encoding="utf-8")

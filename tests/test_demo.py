@@ -94,7 +94,7 @@ def test_demo_events_replay_with_fission_replay(demo: Path, rerun: Run) -> None:
 def test_demo_writes_a_self_contained_report(demo: Path) -> None:
     page = (demo / "report.html").read_text()
     for title in ("K-factor over time", "Depth distribution", "Top seeds", "One cascade as a tree",
-                  "Stalled cascades", "Rewards by kind"):
+                  "Stalled cascades", "Rewards by kind", "Outcomes"):
         assert f"<h2>{title}" in page
     assert page.count("<svg") >= 6
     for external in ("<script", "<link", "src=", "@import", "url("):
