@@ -7,9 +7,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -74,12 +77,14 @@ class Stack:
     def produce(self) -> None:
         assert produce(self.bootstrap, self.topics.events, self.events) == len(self.events)
 
-    def worker(self, until_idle: float) -> subprocess.Popen:
+    def worker(self, until_idle: float, metrics_port: int | None = None) -> subprocess.Popen:
         env = {**os.environ, "FISSION_GRACE": "8s", "FISSION_TICK_INTERVAL_MS": "500"}
         command = [sys.executable, "-m", "stream.cli", "worker", "--campaigns", str(self.campaigns_file),
                    "--bootstrap", self.bootstrap, "--redis-url", self.redis_url, "--redis-prefix", self.name,
                    "--topic-prefix", self.name, "--app-id", self.name, "--partitions", str(PARTITIONS),
                    "--until-idle", str(until_idle), "--log-level", "warning"]
+        if metrics_port:
+            command += ["--metrics-port", str(metrics_port)]
         log = (self.tmp / "worker.log").open("ab")
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -104,7 +109,7 @@ class Stack:
 
 @pytest.fixture
 def stack(kafka_bootstrap: str, redis_url: str, unique_prefix: str, tmp_path: Path, kafka_topic_factory):
-    made = Stack(unique_prefix, kafka_bootstrap, redis_url, tmp_path, events=20_000, seed=5)
+    made = Stack(unique_prefix, kafka_bootstrap, redis_url, tmp_path, events=30_000, seed=5)
     yield made
     made.cleanup()
 
@@ -123,9 +128,46 @@ def ledger_rows(lines: list[bytes]) -> Counter:
     return Counter(rows.values())
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except OSError:
+        return 0, ""
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 def test_worker_until_idle_matches_replay_and_dead_letters_every_bad_event(stack: Stack) -> None:
     stack.produce()
-    stack.run_until_idle()
+    port = free_port()
+    process = stack.worker(until_idle=6, metrics_port=port)
+    base = f"http://127.0.0.1:{port}"
+    ready, metrics = set(), ""
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        ready.add(http_get(base + "/ready")[0])
+        status, text = http_get(base + "/metrics")
+        if status == 200 and metric_sum(text, "fission_events_total") >= len(stack.events):
+            metrics = text
+            break
+        time.sleep(0.5)
+    assert http_get(base + "/health")[0] == 200
+    assert process.wait(timeout=120) == 0, (stack.tmp / "worker.log").read_text()[-3000:]
+    assert 200 in ready
+    assert metric_sum(metrics, "fission_events_total") == len(stack.events)
+    assert metric_sum(metrics, "fission_event_to_credit_seconds_count") > 0
     expected = stack.expected()
     store = RedisStore(redis.Redis.from_url(stack.redis_url), prefix=stack.name)
     assert nonzero(store.balances()) == json.loads((expected / "balances.json").read_text())
@@ -141,6 +183,7 @@ def test_worker_until_idle_matches_replay_and_dead_letters_every_bad_event(stack
     letters = read_topic(stack.bootstrap, stack.topics.dlq, stack.name + "-d")
     dead = Counter(json.loads(raw)["reason"] for raw in letters)
     assert dead == rejected
+    assert metric_sum(metrics, "fission_dead_letters_total") == sum(dead.values())
     assert dead["invalid_event"] > 0
 
     rewards = read_topic(stack.bootstrap, stack.topics.rewards, stack.name + "-r")
