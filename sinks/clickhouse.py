@@ -172,6 +172,11 @@ class ChdbBackend:
 # -- migrations ---------------------------------------------------------------------------------------
 
 
+def open_backend(url: str) -> Backend:
+    """`chdb://PATH` for the embedded engine, else a server URL (clickhouse://host:port/db)."""
+    return ChdbBackend(url.removeprefix("chdb://")) if url.startswith("chdb://") else ServerBackend(url)
+
+
 def _check_identifier(name: str) -> str:
     """Database names are spliced into SQL, so only plain identifiers are accepted."""
     if not IDENTIFIER.match(name):

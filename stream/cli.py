@@ -99,30 +99,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clickhouse(url: str):
-    from sinks.clickhouse import ChdbBackend, ServerBackend
-
-    return ChdbBackend(url.removeprefix("chdb://")) if url.startswith("chdb://") else ServerBackend(url)
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from sinks.clickhouse import migrate
+    from sinks.clickhouse import migrate, open_backend
 
     settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database)
-    applied = migrate(_clickhouse(settings.clickhouse_url), settings.clickhouse_database)
+    applied = migrate(open_backend(settings.clickhouse_url), settings.clickhouse_database)
     print(f"applied migrations {applied or 'none (up to date)'} to {settings.clickhouse_database}", file=sys.stderr)
     return 0
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    from sinks.clickhouse import ClickHouseSink, migrate
+    from sinks.clickhouse import ClickHouseSink, migrate, open_backend
     from stream.logs import configure_logging
     from stream.sink import SinkRunner
 
     configure_logging(args.log_level)
     settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database,
                              kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix, app_id=args.app_id)
-    backend = _clickhouse(settings.clickhouse_url)
+    backend = open_backend(settings.clickhouse_url)
     migrate(backend, settings.clickhouse_database)
     sink = ClickHouseSink(backend, settings.clickhouse_database)
     SinkRunner(settings.kafka_bootstrap, settings.topics(), f"{settings.app_id}-sink", sink).run(args.until_idle)
@@ -134,6 +128,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, events=args.events, seed=args.seed, partitions=args.partitions, live=not args.no_live,
              target_k=args.k)
+    return 0
+
+
+def cmd_cascades(args: argparse.Namespace) -> int:
+    from stream.cascades import cascade_options, run_cascades
+    from stream.logs import configure_logging
+
+    configure_logging(args.log_level)
+    settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database,
+                             kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix, app_id=args.app_id,
+                             partitions=args.partitions)
+    run_cascades(settings, until_idle=args.until_idle, metrics_port=args.metrics_port,
+                 options=cascade_options(settings, clickhouse=not args.no_clickhouse), loglevel=args.log_level)
     return 0
 
 
@@ -239,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
     sink.add_argument("--log-level", default="info", help="log level (default: info)")
     sink.set_defaults(run=cmd_sink)
+
+    cascades = commands.add_parser("cascades", help="run the cascade agent (analytics and stall alerts)",
+                                   description="Repartition outcomes and rewards by cascade root; keep size, depth, "
+                                   "K, structural virality per cascade; alert on stalled cascades and K < 1.")
+    cascades.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
+    cascades.add_argument("--topic-prefix", help="topic names are PREFIX.outcomes, ... (default: referral)")
+    cascades.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
+    cascades.add_argument("--app-id", help="the agent's app id is APP_ID-cascades (default: fission-attribution)")
+    cascades.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH")
+    cascades.add_argument("--database", help="database name (default: fission)")
+    cascades.add_argument("--no-clickhouse", action="store_true", help="alerts to Kafka and metrics only")
+    cascades.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
+    cascades.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
+    cascades.add_argument("--log-level", default="info", help="log level (default: info)")
+    cascades.set_defaults(run=cmd_cascades)
 
     balances = commands.add_parser("balances", help="show balances from the configured store",
                                    description="Print balances (campaign, beneficiary, amount).")

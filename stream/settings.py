@@ -36,6 +36,14 @@ class Settings:
     batch_within_ms: int = 50
     tick_interval_ms: int = 1000
     metrics_port: int = 0
+    cascade_check_interval_ms: int = 5000
+    cascade_snapshot_interval_ms: int = 60000
+    stall_min_size: int = 10
+    stall_min: str = "10m"
+    stall_factor: int = 5
+    k_window: str = "1h"
+    k_windows_below: int = 3
+    cascade_lateness: str = "1m"
     grace: str = "10m"
     max_waiting_per_user: int = 100
     max_waiting_per_partition: int = 100_000

@@ -65,7 +65,7 @@ def test_bad_campaigns_file_stops_with_an_error_naming_the_field(tmp_path: Path,
 
 
 @pytest.mark.parametrize("command", [[], ["replay"], ["balances"], ["simulate"], ["check-config"], ["demo"],
-                                     ["worker"], ["sink"], ["migrate"]])
+                                     ["worker"], ["sink"], ["migrate"], ["cascades"]])
 def test_every_command_has_help(command: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "stream.cli", *command, "--help"], capture_output=True, text=True,
                           cwd=ROOT, check=False)
