@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ from attribution.campaigns import parse_duration
 from attribution.cascades import ENTRY, OUTCOME, Alert, CascadeConfig, CascadeMonitor, CascadeSummary, routes
 from sinks.clickhouse import Backend, migrate, open_backend
 from stream import metrics
+from stream.faustapp import RAW, new_app, run, stop
 from stream.settings import Settings
 from stream.topics import ensure_topics
 
@@ -56,7 +56,6 @@ ALERTS = PromCounter("fission_cascade_alerts", "Cascade alert transitions publis
 K_FACTOR = Gauge("fission_k_factor", "Binds per distinct sharer over the last K window (event time)", ["campaign"])
 # Both internal topics are logs of record (the monitors are rebuilt from them), so nothing may expire.
 KEEP_FOREVER = {"retention.ms": "-1"}
-RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 ALERT_COLUMNS = ("campaign", "root", "kind", "state", "ts", "detail")
 SNAPSHOT_COLUMNS = ("campaign", "root", "size", "max_depth", "binds", "revenue", "rewards", "clawbacks", "fraud",
                     "virality", "last_bind_ts", "snapshot_ts", "written_at")
@@ -311,18 +310,7 @@ def build_cascade_app(settings: Settings, runtime: CascadeRuntime, writer: Click
     """Two agents (route, track), a check timer, a snapshot timer, and the assignment hook."""
     options = options or CascadeOptions()
     topics, internal = settings.topics(), CascadeTopics.of(settings)
-    app = faust.App(
-        f"{settings.app_id}-cascades",
-        broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
-        stream_wait_empty=False,
-    )
+    app = new_app(settings, f"{settings.app_id}-cascades")
     outputs = app.topic(topics.outcomes, topics.rewards, **RAW)
     by_root = app.topic(internal.by_root, partitions=settings.partitions, **RAW)
     alerts_topic = app.topic(internal.alerts, **RAW)
@@ -391,8 +379,7 @@ def build_cascade_app(settings: Settings, runtime: CascadeRuntime, writer: Click
             log.info("no input for %.1fs: last check and snapshot, then stopping", until_idle)
             await publish_alerts()
             await write_snapshots()
-            faust_worker = app._fission_worker  # set by run_cascades
-            faust_worker._signal_stop_future = asyncio.ensure_future(faust_worker._stop_on_signal(signal.SIGTERM))
+            stop(app)
 
     return app
 
@@ -413,6 +400,4 @@ def run_cascades(settings: Settings, until_idle: float | None = None, metrics_po
     if metrics_port:
         metrics.serve(metrics_port, ready=runtime.ready)
     app = build_cascade_app(settings, runtime, writer, options, until_idle)
-    faust_worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    app._fission_worker = faust_worker
-    faust_worker.execute_from_commandline()
+    run(app, loglevel)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import faust
 from attribution.engine import Engine
 from attribution.redis_store import RedisStore
 from stream import metrics
+from stream.faustapp import RAW, new_app, run, stop
 from stream.outputs import KafkaOutputs
 from stream.runtime import AttributionWorker
 from stream.settings import Settings
@@ -25,20 +25,8 @@ log = logging.getLogger("fission.worker")
 def build_app(settings: Settings, worker: AttributionWorker, until_idle: float | None = None) -> faust.App:
     """The Faust app: one agent over the input topic, a timer, rebalance hooks."""
     topics = settings.topics()
-    app = faust.App(
-        settings.app_id,
-        broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
-        stream_wait_empty=False,
-    )
-    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    events = app.topic(topics.events, partitions=settings.partitions, **raw)
+    app = new_app(settings, settings.app_id)
+    events = app.topic(topics.events, partitions=settings.partitions, **RAW)
     loop_call = _executor_call(worker)
 
     @app.agent(events)
@@ -70,10 +58,7 @@ def build_app(settings: Settings, worker: AttributionWorker, until_idle: float |
         async def stop_when_idle() -> None:
             if worker.idle_for() >= until_idle:
                 log.info("no input for %.1fs: stopping", until_idle)
-                faust_worker = app._fission_worker  # set by run_worker
-                faust_worker._signal_stop_future = asyncio.ensure_future(
-                    faust_worker._stop_on_signal(signal.SIGTERM)
-                )
+                stop(app)
 
     return app
 
@@ -98,6 +83,4 @@ def run_worker(settings: Settings, campaigns: dict, until_idle: float | None = N
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, ready=lambda: bool(worker.positions))
     app = build_app(settings, worker, until_idle)
-    faust_worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    app._fission_worker = faust_worker
-    faust_worker.execute_from_commandline()
+    run(app, loglevel)
