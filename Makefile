@@ -22,13 +22,14 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-# Starts the servers (unless already running), runs ruff and pytest, stops what it started.
+# Starts the servers (Kafka, Redis, ClickHouse, Prometheus, Alertmanager) that are not running,
+# runs ruff and pytest, then stops only the ones it started.
 # pytest's exit code 5 (no tests collected) is a failure, not a pass.
 test: install
-	@was_up=0; scripts/services status >/dev/null 2>&1 && was_up=1; \
+	@stopped=$$(scripts/services status 2>/dev/null | awk '$$2 == "stopped" {print $$1}'); \
 	exports=$$(scripts/services up) || exit 1; eval "$$exports"; \
 	rc=0; $(BIN)/ruff check . && $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
-	if [ $$was_up = 0 ]; then scripts/services down; fi; \
+	if [ -n "$$stopped" ]; then scripts/services down $$stopped; fi; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; rc=1; fi; \
 	exit $$rc
 
