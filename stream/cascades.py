@@ -214,6 +214,8 @@ class CascadeRuntime:
         self.assigned: set[int] = set()
         self.assigned_once = False
         self.last_input = time.monotonic()
+        self.exported_stalled: set[str] = set()  # campaigns whose gauges this process exports
+        self.exported_k: set[str] = set()
 
     def assign(self, partitions: set[int]) -> None:
         """The new assignment: drop partitions gone, start rebuilding the new ones."""
@@ -287,13 +289,24 @@ class CascadeRuntime:
         clock = self.clock()
         alerts = [alert for monitor in self.monitors.values() for alert in monitor.check(clock)]
         stalled: Counter[str] = Counter()
+        k_campaigns: set[str] = set()
         for monitor in self.monitors.values():
             stalled.update(monitor.stalled())
             for campaign, stats in monitor.campaigns.items():
                 K_FACTOR.labels(campaign).set(stats.sliding_k(clock[campaign]))
+                k_campaigns.add(campaign)
         for campaign in clock:
             STALLED_GAUGE.labels(campaign).set(stalled[campaign])
+        self._unexport(STALLED_GAUGE, self.exported_stalled - set(clock))
+        self._unexport(K_FACTOR, self.exported_k - k_campaigns)
+        self.exported_stalled, self.exported_k = set(clock), k_campaigns
         return alerts
+
+    @staticmethod
+    def _unexport(gauge: Gauge, campaigns: set[str]) -> None:
+        """Campaigns whose partitions moved to another process: their gauges are the new owner's now."""
+        for campaign in campaigns:
+            gauge.remove(campaign)
 
     def snapshots(self) -> list[tuple]:
         """Snapshot rows of the cascades changed since the last call, at their campaign's watermark."""
