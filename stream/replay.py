@@ -31,6 +31,8 @@ def read_messages(path: Path, batch_lines: int = BATCH_LINES) -> Iterator[tuple[
     with path.open("rb") as handle:
         for number, line in enumerate(handle):
             value = line.rstrip(b"\r\n")
+            if number == 0:
+                value = value.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the event
             if value.strip():
                 batch.append(Message(value, number))
             if len(batch) >= batch_lines:

@@ -37,6 +37,18 @@ def test_replay_turns_every_bad_line_into_an_invalid_event_outcome(tmp_path: Pat
     assert outcomes[3]["event_id"] == "e1"
 
 
+def test_replay_reads_crlf_lines_and_a_byte_order_mark(tmp_path: Path) -> None:
+    lines = (EXAMPLES / "events.jsonl").read_bytes().splitlines()[:50]
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    campaigns = str(EXAMPLES / "campaigns.yaml")
+    assert main(["replay", str(events), "--campaigns", campaigns, "--out", str(tmp_path / "a")]) == 0
+    assert main(["replay", str(plain), "--campaigns", campaigns, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "outcomes.jsonl").read_bytes() == (tmp_path / "b" / "outcomes.jsonl").read_bytes()
+
+
 def test_replay_against_redis_equals_embedded(tmp_path: Path, redis_url: str, unique_prefix: str) -> None:
     args = [str(EXAMPLES / "events.jsonl"), "--campaigns", str(EXAMPLES / "campaigns.yaml")]
     assert main(["replay", *args, "--out", str(tmp_path / "redis"), "--store", "redis", "--redis-url", redis_url,
