@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
     worker.add_argument("--app-id", help="Faust app id = consumer group (default: fission-attribution)")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
-    worker.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
+    worker.add_argument("--until-idle", type=float, metavar="SECONDS",
+                        help="after this long without input, treat the input as ended: end the remaining waits "
+                        "as replay does, then exit")
     worker.add_argument("--log-level", default="info", help="log level (default: info)")
     worker.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
     worker.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")

@@ -93,10 +93,15 @@ class AttributionWorker:
             metrics.WAITING.labels(str(partition)).set(self.engine.waiting(partition))
 
     def idle_for(self) -> float:
-        """Seconds without input and without events waiting for a share (they still owe outcomes)."""
-        if any(self.engine.waiting(p) for p in self.positions):
-            return 0.0
         return time.monotonic() - self.last_input
+
+    def finish(self) -> None:
+        """End of input (`--until-idle`): end the remaining waits round by round, as `replay`
+        does at the end of its file (SPEC 4.8), so a finished run's results equal replay's."""
+        partitions = sorted(self.positions)
+        if any(self.engine.waiting(p) for p in partitions):
+            started = time.perf_counter()
+            metrics.observe(self.engine.drain(partitions), started, int(self.clock() * 1000))
 
     def _retrying(self, partition: int, work: Callable[[], BatchResult]) -> bool:
         """Run `work` until it commits; False when the partition was lost meanwhile."""

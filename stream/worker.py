@@ -53,12 +53,17 @@ def build_app(settings: Settings, worker: AttributionWorker, until_idle: float |
         await loop_call(worker.revoke, sorted(tp.partition for tp in revoked if tp.topic == topics.events))
 
     if until_idle is not None:
+        stopping = False
 
         @app.timer(interval=0.5)
         async def stop_when_idle() -> None:
-            if worker.idle_for() >= until_idle:
-                log.info("no input for %.1fs: stopping", until_idle)
-                stop(app)
+            nonlocal stopping
+            if stopping or worker.idle_for() < until_idle:
+                return
+            stopping = True
+            log.info("no input for %.1fs: ending the remaining waits, then stopping", until_idle)
+            await loop_call(worker.finish)
+            stop(app)
 
     return app
 

@@ -78,7 +78,7 @@ class Stack:
         assert produce(self.bootstrap, self.topics.events, self.events) == len(self.events)
 
     def worker(self, until_idle: float, metrics_port: int | None = None) -> subprocess.Popen:
-        env = {**os.environ, "FISSION_GRACE": "8s", "FISSION_TICK_INTERVAL_MS": "500"}
+        env = {**os.environ, "FISSION_TICK_INTERVAL_MS": "500"}
         command = [sys.executable, "-m", "stream.cli", "worker", "--campaigns", str(self.campaigns_file),
                    "--bootstrap", self.bootstrap, "--redis-url", self.redis_url, "--redis-prefix", self.name,
                    "--topic-prefix", self.name, "--app-id", self.name, "--partitions", str(PARTITIONS),
