@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,17 +109,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate_when_up(backend, database: str, migrate) -> bool:
+    """ClickHouse may be down when the sink starts: wait for it (Kafka keeps the rows meanwhile)."""
+    backoff = 0.5
+    while True:
+        try:
+            migrate(backend, database)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure to reach or migrate: retry, say why
+            print(f"fission sink: ClickHouse not ready ({exc}); retrying in {backoff:.1f}s", file=sys.stderr)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
 def cmd_sink(args: argparse.Namespace) -> int:
     from sinks.clickhouse import ClickHouseSink, migrate, open_backend
+    from stream import metrics
     from stream.logs import configure_logging
     from stream.sink import SinkRunner
 
     configure_logging(args.log_level)
     settings = load_settings(args.config, clickhouse_url=args.clickhouse_url, clickhouse_database=args.database,
-                             kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix, app_id=args.app_id)
+                             kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix, app_id=args.app_id,
+                             metrics_port=args.metrics_port)
     backend = open_backend(settings.clickhouse_url)
-    migrate(backend, settings.clickhouse_database)
     sink = ClickHouseSink(backend, settings.clickhouse_database)
+    migrated = False
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, ready=lambda: migrated and sink.healthy)
+    migrated = _migrate_when_up(backend, settings.clickhouse_database, migrate)
     SinkRunner(settings.kafka_bootstrap, settings.topics(), f"{settings.app_id}-sink", sink).run(args.until_idle)
     return 0
 
@@ -246,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--topic-prefix", help="topic names are PREFIX.outcomes, ... (default: referral)")
     sink.add_argument("--app-id", help="consumer group is APP_ID-sink (default: fission-attribution)")
     sink.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
+    sink.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
     sink.add_argument("--log-level", default="info", help="log level (default: info)")
     sink.set_defaults(run=cmd_sink)
 

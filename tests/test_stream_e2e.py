@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -208,11 +209,26 @@ def test_kill_minus_nine_at_random_points_then_restart_gives_the_same_balances_a
     assert ledger_rows(rewards) == ledger_rows(replay_ledger)
 
 
+def poll_metrics(base: str, seconds: float) -> dict[str, str]:
+    """The last /ready status and /metrics text a process served within `seconds`."""
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, text = http_get(base + "/metrics")
+        if status == 200:
+            found["metrics"] = text
+            found["ready"] = str(http_get(base + "/ready")[0])
+        time.sleep(0.3)
+    return found
+
+
 def run_sink(stack: Stack, clickhouse_url: str, database: str, until_idle: float = 5, timeout: float = 120,
-             kill_after: float | None = None) -> None:
+             kill_after: float | None = None, metrics_port: int | None = None) -> None:
     command = [sys.executable, "-m", "stream.cli", "sink", "--clickhouse-url", clickhouse_url, "--database", database,
                "--bootstrap", stack.bootstrap, "--topic-prefix", stack.name, "--app-id", stack.name,
                "--until-idle", str(until_idle), "--log-level", "warning"]
+    if metrics_port:
+        command += ["--metrics-port", str(metrics_port)]
     log = (stack.tmp / "sink.log").open("ab")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if kill_after is not None:
@@ -229,7 +245,13 @@ def test_sink_writes_every_outcome_once_even_after_clickhouse_was_down(
     stack.produce()
     stack.run_until_idle()
     down = "clickhouse://127.0.0.1:1/default"
-    run_sink(stack, down, clickhouse_database, kill_after=4)  # buffers, retries, commits nothing
+    port = free_port()
+    watcher = threading.Thread(target=lambda: seen.update(poll_metrics(f"http://127.0.0.1:{port}", 4)))
+    seen: dict[str, str] = {}
+    watcher.start()
+    run_sink(stack, down, clickhouse_database, kill_after=4, metrics_port=port)  # buffers, retries, commits nothing
+    watcher.join()
+    assert seen.get("ready") == "503"  # alive, serving metrics, waiting for ClickHouse
     run_sink(stack, clickhouse_url, clickhouse_database, kill_after=3)  # killed mid-way: offsets behind rows
     run_sink(stack, clickhouse_url, clickhouse_database)
     db = clickhouse_database
