@@ -45,7 +45,7 @@ from attribution.campaigns import parse_duration
 from attribution.cascades import ENTRY, OUTCOME, Alert, CascadeConfig, CascadeMonitor, CascadeSummary, routes
 from sinks.clickhouse import Backend, migrate, open_backend
 from stream import metrics
-from stream.faustapp import RAW, new_app, run, stop
+from stream.faustapp import RAW, new_app, run, stop_when_idle
 from stream.settings import Settings
 from stream.topics import ensure_topics
 
@@ -381,18 +381,12 @@ def build_cascade_app(settings: Settings, runtime: CascadeRuntime, writer: Click
         runtime.assign({tp.partition for tp in assigned if tp.topic == internal.by_root})
 
     if until_idle is not None:
-        stopping = False
 
-        @app.timer(interval=0.5)
-        async def stop_when_idle() -> None:
-            nonlocal stopping
-            if stopping or runtime.idle_for() < until_idle:
-                return
-            stopping = True
-            log.info("no input for %.1fs: last check and snapshot, then stopping", until_idle)
+        async def last_check_and_snapshot() -> None:
             await publish_alerts()
             await write_snapshots()
-            stop(app)
+
+        stop_when_idle(app, until_idle, runtime.idle_for, last_check_and_snapshot)
 
     return app
 

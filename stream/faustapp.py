@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 
 from stream.settings import Settings
+
+log = logging.getLogger("fission.faust")
 
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
@@ -38,6 +42,22 @@ def run(app: faust.App, loglevel: str) -> None:
 
 
 def stop(app: faust.App) -> None:
-    """Stop the worker as SIGTERM would (used by --until-idle), from inside its event loop."""
+    """Stop the worker as SIGTERM would, from inside its event loop."""
     worker = app._fission_worker
     worker._signal_stop_future = asyncio.ensure_future(worker._stop_on_signal(signal.SIGTERM))
+
+
+def stop_when_idle(app: faust.App, until_idle: float, idle_for: Callable[[], float],
+                   finish: Callable[[], Awaitable[None]]) -> None:
+    """`--until-idle`: once `idle_for()` reaches `until_idle` seconds, run `finish` once, then stop."""
+    stopping = False
+
+    @app.timer(interval=0.5)
+    async def stop_when_idle() -> None:
+        nonlocal stopping
+        if stopping or idle_for() < until_idle:
+            return
+        stopping = True
+        log.info("no input for %.1fs: finishing, then stopping", until_idle)
+        await finish()
+        stop(app)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,13 +12,11 @@ import faust
 from attribution.engine import Engine
 from attribution.redis_store import RedisStore
 from stream import metrics
-from stream.faustapp import RAW, new_app, run, stop
+from stream.faustapp import RAW, new_app, run, stop_when_idle
 from stream.outputs import KafkaOutputs
 from stream.runtime import AttributionWorker
 from stream.settings import Settings
 from stream.topics import Topics
-
-log = logging.getLogger("fission.worker")
 
 
 def build_app(settings: Settings, worker: AttributionWorker, until_idle: float | None = None) -> faust.App:
@@ -53,17 +50,7 @@ def build_app(settings: Settings, worker: AttributionWorker, until_idle: float |
         await loop_call(worker.revoke, sorted(tp.partition for tp in revoked if tp.topic == topics.events))
 
     if until_idle is not None:
-        stopping = False
-
-        @app.timer(interval=0.5)
-        async def stop_when_idle() -> None:
-            nonlocal stopping
-            if stopping or worker.idle_for() < until_idle:
-                return
-            stopping = True
-            log.info("no input for %.1fs: ending the remaining waits, then stopping", until_idle)
-            await loop_call(worker.finish)
-            stop(app)
+        stop_when_idle(app, until_idle, worker.idle_for, lambda: loop_call(worker.finish))
 
     return app
 
