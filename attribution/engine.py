@@ -106,7 +106,7 @@ class _Batch:
     claims: set = field(default_factory=set)
     changed_queues: set[str] = field(default_factory=set)
     touched: set[tuple[str, str]] = field(default_factory=set)
-    budget_returns: list[tuple[str, str, int]] = field(default_factory=list)
+    budget_returns: list[tuple[str, int]] = field(default_factory=list)
     result: BatchResult = field(default_factory=BatchResult)
 
 
@@ -501,7 +501,7 @@ class Engine:
                           amount=event.amount, offset=event.offset)
         batch.result.entries.extend(replace(e, root=lineage[1]) for e in ctx.entries)
         if campaign.budget is not None:
-            batch.budget_returns.extend((e.campaign, e.entry_id, -e.amount) for e in ctx.entries if e.amount < 0)
+            batch.budget_returns.extend((e.campaign, -e.amount) for e in ctx.entries if e.amount < 0)
         if result.outcome == "rejected":
             self._dead_event(batch, outcome, event)
         else:

@@ -342,7 +342,7 @@ class RedisStore:
                 [enc(entry.campaign, entry.beneficiary), entry.amount]
             )
         returns: dict[str, int] = {}
-        for campaign, _, amount in commit.budget_returns:
+        for campaign, amount in commit.budget_returns:
             returns[campaign] = returns.get(campaign, 0) + amount
         return orjson.dumps({"c": credits, "r": returns}, option=orjson.OPT_NON_STR_KEYS)
 
@@ -374,7 +374,7 @@ class RedisStore:
             }
         part = commit.partition
         keys = [self._part(part, "epoch"), self._part(part, "pos"), self._part(part, "seq"), self._part(part, "out")]
-        epoch = commit.epoch if commit.epoch is not None else self.epochs.get(commit.partition)
+        epoch = self.epochs.get(commit.partition)
         args: list[Any] = ["" if epoch is None else epoch, "" if commit.position is None else commit.position, payload]
         for hkey, fields in hashes.items():
             keys.append(hkey)

@@ -24,10 +24,9 @@ class Commit:
     partition: int
     writes: dict[Key, Any]
     entries: list[LedgerEntry]
-    budget_returns: list[tuple[str, str, int]]
+    budget_returns: list[tuple[str, int]]
     queues: dict[str, Queue | None]
     position: int | None = None
-    epoch: int | None = None
     releases: list[Key] = field(default_factory=list)
 
 
@@ -64,10 +63,8 @@ class EmbeddedStore:
     device_users: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
     budget_spent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     budget_drawn: dict[str, bool] = field(default_factory=dict)
-    budget_returned: set[str] = field(default_factory=set)
     group_buyers: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
     group_completed_by: dict[tuple[str, str], str] = field(default_factory=dict)
-    applied: set[str] = field(default_factory=set)
     balance: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     queues: dict[int, dict[str, Queue]] = field(default_factory=lambda: defaultdict(dict))
     positions: dict[int, int] = field(default_factory=dict)
@@ -122,14 +119,10 @@ class EmbeddedStore:
             elif key[0] == "claim_order" and ("order", key[1], key[2]) not in self.values:
                 if self.order_owner.get((key[1], key[2])) == key[3]:
                     del self.order_owner[(key[1], key[2])]
-        for entry in commit.entries:
-            if entry.entry_id not in self.applied:
-                self.applied.add(entry.entry_id)
-                self.balance[entry.campaign][entry.beneficiary] += entry.amount
-        for campaign, entry_id, amount in commit.budget_returns:
-            if entry_id not in self.budget_returned:
-                self.budget_returned.add(entry_id)
-                self.budget_spent[campaign] -= amount
+        for entry in commit.entries:  # one process, one commit per batch: nothing to deduplicate
+            self.balance[entry.campaign][entry.beneficiary] += entry.amount
+        for campaign, amount in commit.budget_returns:
+            self.budget_spent[campaign] -= amount
         partition_queues = self.queues[commit.partition]
         for user, queue in commit.queues.items():
             if queue is None:
