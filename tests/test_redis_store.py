@@ -134,3 +134,19 @@ def test_user_records_round_trip_through_the_binary_codec(user_id: str, user: Us
 def test_a_bound_user_record_is_compact() -> None:
     user = User(BOUND, 1767225720000, "u000012", 3, ("u000123", "u000045", "u000012"), 1767225720000, False)
     assert len(pack_user("u000456", user)) <= 36
+
+
+def test_one_balance_is_readable_in_one_call_by_other_services(
+    client: redis.Redis, redis_key_prefix: str, redis_url: str
+) -> None:
+    store = RedisStore(client, prefix=redis_key_prefix, buckets=64)
+    engine = Engine(load_campaigns(CASE / "campaigns.yaml"), store)
+    run_all(engine, messages())
+    engine.drain(0)
+    everything = store.balances()
+    reader = RedisStore.from_url(redis_url, prefix=redis_key_prefix, buckets=64)  # another service
+    assert everything
+    for campaign, by_user in everything.items():
+        for user, amount in by_user.items():
+            assert reader.balance(campaign, user) == amount
+    assert reader.balance("spring", "nobody-here") == 0
