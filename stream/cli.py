@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -43,6 +45,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, campaigns=args.campaigns, store=args.store,
                              redis_url=args.redis_url, redis_prefix=args.redis_prefix)
+    if settings.store == "redis" and args.redis_prefix is None:
+        # A replay starts from empty state: state left by an earlier run would make its events duplicates.
+        settings = replace(settings, redis_prefix=f"{settings.redis_prefix}-replay-{uuid.uuid4().hex[:8]}")
     engine = Engine(load_campaigns(settings.campaigns), open_store(settings), settings.engine())
     bar, update = _progress(file_size(args.events), "replay")
     if bar:
@@ -55,6 +60,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{summary.nodes} nodes, {summary.dead_letters} dead letters -> {args.out}",
         file=sys.stderr,
     )
+    if settings.store == "redis":
+        print(f"state in Redis under prefix {settings.redis_prefix!r} "
+              f"(fission balances --store redis --redis-prefix {settings.redis_prefix})", file=sys.stderr)
     return 0
 
 
@@ -211,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("events", type=Path, help="JSONL file, one event per line")
     replay.add_argument("--campaigns", help="campaigns YAML (default: settings)")
     replay.add_argument("--out", type=Path, required=True, help="output directory")
-    _store_flags(replay)
+    replay.add_argument("--store", choices=["embedded", "redis"], help="state store (default: settings)")
+    replay.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
+    replay.add_argument("--redis-prefix", help="prefix of the replay's Redis keys (default: a fresh one per run, "
+                        "printed at the end; a given prefix continues from the state already under it)")
     replay.set_defaults(run=cmd_replay)
 
     simulate = commands.add_parser("simulate", help="simulate a viral campaign into a JSONL file",

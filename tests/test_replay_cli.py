@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from stream.cli import main
 from tests.compare import differences
@@ -54,6 +55,21 @@ def test_replay_against_redis_equals_embedded(tmp_path: Path, redis_url: str, un
     assert main(["replay", *args, "--out", str(tmp_path / "redis"), "--store", "redis", "--redis-url", redis_url,
                  "--redis-prefix", unique_prefix]) == 0
     assert differences(EXAMPLES / "expected", tmp_path / "redis") == {}
+
+
+def test_replay_against_redis_twice_without_a_prefix_starts_from_empty_state_each_time(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture
+) -> None:
+    args = [str(EXAMPLES / "events.jsonl"), "--campaigns", str(EXAMPLES / "campaigns.yaml"), "--store", "redis",
+            "--redis-url", redis_url]
+    client = redis.Redis.from_url(redis_url)
+    for run in ("first", "second"):
+        assert main(["replay", *args, "--out", str(tmp_path / run)]) == 0
+        prefix = capsys.readouterr().err.split("under prefix '")[1].split("'")[0]
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
+        assert keys
+        client.delete(*keys)
+        assert differences(EXAMPLES / "expected", tmp_path / run) == {}
 
 
 def test_balances_command_reads_the_redis_store(tmp_path: Path, redis_url: str, unique_prefix: str,
