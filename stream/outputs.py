@@ -7,8 +7,6 @@ re-run after a crash publishes its outputs again.
 
 from __future__ import annotations
 
-import base64
-
 import orjson
 from confluent_kafka import Producer
 
@@ -42,15 +40,16 @@ class KafkaOutputs:
             produce(topics.nodes, orjson.dumps(node), node.user_id.encode())
         self.producer.poll(0)
         for letter in result.dead_letters:
-            record = {
-                "reason": letter.reason,
-                "detail": letter.detail,
-                "topic": self.source_topic,
-                "partition": partition,
-                "offset": letter.offset,
-                "raw_base64": base64.b64encode(letter.raw).decode(),
-            }
-            produce(topics.dlq, orjson.dumps(record), None)
+            # The value is the rejected message's bytes, untouched (a fixed event can be produced again
+            # from it); why and where it came from travel in headers, as Kafka Connect's DLQs do.
+            headers = [
+                ("fission.reason", letter.reason.encode()),
+                ("fission.detail", (letter.detail or "").encode()),
+                ("fission.source.topic", self.source_topic.encode()),
+                ("fission.source.partition", str(partition).encode()),
+                ("fission.source.offset", ("" if letter.offset is None else str(letter.offset)).encode()),
+            ]
+            produce(topics.dlq, letter.raw, None, headers=headers)
         remaining = self.producer.flush(30)
         if remaining:
             raise OutputError(f"{remaining} output messages not acknowledged by Kafka")

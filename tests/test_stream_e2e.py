@@ -35,8 +35,8 @@ ROOT = Path(__file__).parent.parent
 PARTITIONS = 4
 
 
-def read_topic(bootstrap: str, topic: str, group: str) -> list[bytes]:
-    """Every message of a topic, from the beginning to the current end."""
+def read_topic(bootstrap: str, topic: str, group: str, messages: list | None = None) -> list[bytes]:
+    """Every message's value of a topic, from the beginning to the current end (the messages too, if asked)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                          "auto.offset.reset": "earliest"})
     metadata = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -53,6 +53,8 @@ def read_topic(bootstrap: str, topic: str, group: str) -> list[bytes]:
         if message is None or message.error():
             continue
         values.append(message.value())
+        if messages is not None:
+            messages.append(message)
         if message.offset() + 1 >= ends.get(message.partition(), 0):
             ends.pop(message.partition(), None)
     consumer.close()
@@ -181,8 +183,10 @@ def test_worker_until_idle_matches_replay_and_dead_letters_every_bad_event(stack
         (o["event_id"], o["outcome"], o["reason"]) for o in replayed
     )
     rejected = Counter(o["reason"] for o in outcomes.values() if o["outcome"] == "rejected")
-    letters = read_topic(stack.bootstrap, stack.topics.dlq, stack.name + "-d")
-    dead = Counter(json.loads(raw)["reason"] for raw in letters)
+    letters: list = []
+    read_topic(stack.bootstrap, stack.topics.dlq, stack.name + "-d", letters)
+    dead = Counter(dict(letter.headers())["fission.reason"].decode() for letter in letters)
+    assert {letter.value() for letter in letters} <= set(stack.events)  # the rejected bytes, untouched
     assert dead == rejected
     assert metric_sum(metrics, "fission_dead_letters_total") == sum(dead.values())
     assert dead["invalid_event"] > 0
