@@ -26,7 +26,6 @@ from attribution.store import Commit, Store
 from attribution.view import NeedsLoad, View
 
 CLAIMS = ("claim_share", "claim_order")
-ORDERED = ("device", "budget")  # operations whose answer depends on who asks first
 MAX_ROUNDS = 1000  # a batch needs a handful; more means a bug, not a big batch
 
 
