@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,8 @@ from stream.runtime import AttributionWorker
 from stream.settings import Settings
 from stream.topics import Topics
 
+log = logging.getLogger("fission.worker")
+
 
 def build_app(settings: Settings, worker: AttributionWorker, until_idle: float | None = None) -> faust.App:
     """The Faust app: one agent over the input topic, a timer, rebalance hooks."""
@@ -29,7 +33,15 @@ def build_app(settings: Settings, worker: AttributionWorker, until_idle: float |
     @app.agent(events)
     async def attribute(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            await loop_call(worker.handle, [(e.message.partition, e.message.offset, e.message.value) for e in batch])
+            try:
+                await loop_call(worker.handle, [(e.message.partition, e.message.offset, e.message.value)
+                                                for e in batch])
+            except Exception:
+                # Faust acks a taken batch even when its handler fails, and the acks would let Kafka offsets
+                # run ahead of the committed state. Store and Kafka failures are retried inside `handle`;
+                # anything else is a bug: stop at once, unacknowledged, and resume from the committed position.
+                log.critical("batch failed: exiting without acknowledging it", exc_info=True)
+                os._exit(70)
 
     @app.timer(interval=settings.tick_interval_s)
     async def tick() -> None:

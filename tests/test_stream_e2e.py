@@ -267,3 +267,28 @@ def test_sink_writes_every_outcome_once_even_after_clickhouse_was_down(
     binds = sum(1 for line in (expected / "outcomes.jsonl").read_text().splitlines() if '"outcome":"bound"' in line)
     assert clickhouse_client.execute(
         f"SELECT countMerge(events) FROM {db}.campaign_minute WHERE outcome = 'bound'")[0][0] == binds
+
+
+def test_a_batch_that_fails_unexpectedly_stops_the_worker_unacknowledged_and_loses_nothing(
+    kafka_bootstrap: str, redis_url: str, unique_prefix: str, tmp_path: Path, kafka_topic_factory
+) -> None:
+    stack = Stack(unique_prefix, kafka_bootstrap, redis_url, tmp_path, events=3000, seed=8)
+    try:
+        stack.produce()
+        client = redis.Redis.from_url(redis_url)
+        store = RedisStore(client, prefix=stack.name)
+        broken = [store._part(p, "q") for p in range(PARTITIONS)]
+        for key in broken:  # corrupt state: loading the waiting queues of any partition fails
+            client.hset(key, "broken", b"not a queue")
+        process = stack.worker(until_idle=30)
+        assert process.wait(timeout=120) == 70, (stack.tmp / "worker.log").read_text()[-3000:]
+        for key in broken:
+            client.hdel(key, "broken")
+        stack.run_until_idle()
+        expected = stack.expected()
+        assert nonzero(store.balances()) == json.loads((expected / "balances.json").read_text())
+        outcomes = {json.loads(raw)["outcome_id"] for raw in read_topic(stack.bootstrap, stack.topics.outcomes,
+                                                                           stack.name + "-o")}
+        assert len(outcomes) == len(stack.events)
+    finally:
+        stack.cleanup()
