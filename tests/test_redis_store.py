@@ -10,8 +10,16 @@ from redis.crc import key_slot
 
 from attribution.campaigns import load_campaigns
 from attribution.engine import Engine, Message
-from attribution.model import BOUND, ORGANIC, SEED, User
-from attribution.redis_store import RedisStore, pack_user, unpack_user
+from attribution.model import BOUND, ORGANIC, SEED, Credit, Order, Share, User, entry_id
+from attribution.redis_store import (
+    RedisStore,
+    pack_order,
+    pack_share,
+    pack_user,
+    unpack_order,
+    unpack_share,
+    unpack_user,
+)
 from attribution.store import EmbeddedStore
 from stream.replay import read_messages
 
@@ -150,3 +158,29 @@ def test_one_balance_is_readable_in_one_call_by_other_services(
         for user, amount in by_user.items():
             assert reader.balance(campaign, user) == amount
     assert reader.balance("spring", "nobody-here") == 0
+
+
+@pytest.mark.parametrize("share", [
+    Share("s1", "c", "kol", "e1", 1767225660000, "kol", 0, ("kol",), True),
+    Share("分享:1 🚀", "c|x", "a\"b", "e{2}", 5, "deep-root", 7, ("a\"b", "x", "y"), False),
+    Share("s3", "c", "amy", "e3", 9, "kol", 2, ("amy", "bob", "kol"), False),
+])
+def test_share_records_round_trip_through_the_binary_codec(share: Share) -> None:
+    assert unpack_share(share.share_id, pack_share(share)) == share
+
+
+@pytest.mark.parametrize("refunded_by", [None, "refund:1 {x}"])
+def test_order_records_round_trip_and_derive_their_entry_ids(refunded_by: str | None) -> None:
+    credits = tuple(Credit(entry_id("c", "e9", kind, level, who), who, amount, kind, level)
+                    for who, amount, kind, level in [("amy", 250, "commission", 1), ("用户", 75, "commission", 2),
+                                                     ("amy", 500, "first_purchase", 0)])
+    order = Order("c", "o|1", "bob", "e9", credits, refunded_by)
+    assert unpack_order("c", "o|1", pack_order(order)) == order
+
+
+def test_claim_scripts_read_the_owner_of_binary_records(client: redis.Redis, redis_key_prefix: str) -> None:
+    store = RedisStore(client, prefix=redis_key_prefix, buckets=64)
+    share = Share("X", "c", "kol", "ev 🚀", 1, "kol", 0, ("kol",), False)
+    client.hset(store._global("s", "X"), "X", pack_share(share))
+    assert store.fetch(0, [("claim_share", "X", "ev 🚀"), ("claim_share", "X", "other")]) == {
+        ("claim_share", "X", "ev 🚀"): True, ("claim_share", "X", "other"): False}
