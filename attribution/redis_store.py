@@ -10,8 +10,8 @@ so everything one Lua script touches shares a slot):
   marks, global (an id is a duplicate whichever user or partition repeats it), kept for
   `dedup_retention`. Written before the partition commit; a re-run after a crash finds its
   own partition and offset in the mark and knows it is not a duplicate.
-- `fx:s:{b}` share_id → claim or `Share`; `fx:o:{b}` enc(campaign, order) → claim or
-  `Order`; `fx:d:{b}` enc(campaign, device) → the users it bound; `fx:g:{b}`
+- `fx:s:{b}` share_id → claim or `Share`; `fx:o:{b}` digest(campaign, order) → claim or
+  `Order`; `fx:d:{b}` digest(campaign, device) → the users it bound; `fx:g:{b}`
   enc(campaign, group) → buyers and the completing event. In the id's own slot: any
   partition may claim or join them, one Lua script each.
 - `fx:b:{campaign}` spent, per-entry draw answers and returns: the campaign's slot.
@@ -229,6 +229,12 @@ def unpack_queue(packed: bytes) -> Queue:
     return Queue(events, item["w"], item["t"])
 
 
+def digest_field(*parts: str) -> bytes:
+    """A 10-byte field name for ids that are only looked up, never listed (orders, devices): shorter
+    than the ids, and no collision in practice (80 bits)."""
+    return hashlib.blake2b(enc(*parts).encode("utf-8", "surrogatepass"), digest_size=10).digest()
+
+
 def event_digest(event_id: str) -> bytes:
     return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=10).digest()
 
@@ -319,7 +325,7 @@ class RedisStore:
             return [pipe.hget(self._global("s", share_id), share_id)], lambda raw: unpack_share(share_id, raw)
         if kind == "order":
             _, campaign, order_id = key
-            reply = pipe.hget(self._global("o", order_id), enc(campaign, order_id))
+            reply = pipe.hget(self._global("o", order_id), digest_field(campaign, order_id))
             return [reply], lambda raw: unpack_order(campaign, order_id, raw)
         if kind == "claim_share":
             _, share_id, event_id = key
@@ -327,11 +333,11 @@ class RedisStore:
             return [s["claim"](keys=[self._global("s", share_id)], args=args, client=pipe)], bool
         if kind == "claim_order":
             _, campaign, order_id, event_id = key
-            args = [enc(campaign, order_id), event_id, claim_record(event_id)]
+            args = [digest_field(campaign, order_id), event_id, claim_record(event_id)]
             return [s["claim"](keys=[self._global("o", order_id)], args=args, client=pipe)], bool
         if kind == "device":
             _, campaign, device, user_id, limit = key
-            args = [enc(campaign, device), user_id, limit]
+            args = [digest_field(campaign, device), user_id, limit]
             return [s["device"](keys=[self._global("d", device)], args=args, client=pipe)], bool
         if kind == "group_join":
             _, campaign, group_id, buyer, event_id, size = key
@@ -375,14 +381,14 @@ class RedisStore:
                 pipe.hset(self._global("s", key[1]), key[1], pack_share(value))
             elif key[0] == "order":
                 _, campaign, order_id = key
-                pipe.hset(self._global("o", order_id), enc(campaign, order_id), pack_order(value))
+                pipe.hset(self._global("o", order_id), digest_field(campaign, order_id), pack_order(value))
         for key in commit.releases:
             if key[0] == "claim_share":
                 self._scripts["release"](keys=[self._global("s", key[1])], args=[key[1], key[2]], client=pipe)
             else:
                 _, campaign, order_id, event_id = key
-                self._scripts["release"](keys=[self._global("o", order_id)], args=[enc(campaign, order_id), event_id],
-                                         client=pipe)
+                args = [digest_field(campaign, order_id), event_id]
+                self._scripts["release"](keys=[self._global("o", order_id)], args=args, client=pipe)
         for hkey, fields in marks.items():
             args = [self.dedup_retention_ms] + [value for pair in fields.items() for value in pair]
             self._scripts["mark"](keys=[hkey], args=args, client=pipe)
