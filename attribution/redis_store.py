@@ -93,6 +93,21 @@ def _read_text(raw: bytes, i: int) -> tuple[str, int]:
     return raw[i : i + size].decode("utf-8", "surrogatepass"), i + size
 
 
+def _texts(values: tuple[str, ...], out: bytearray) -> None:
+    _varint(len(values), out)
+    for value in values:
+        _text(value, out)
+
+
+def _read_texts(raw: bytes, i: int) -> tuple[list[str], int]:
+    count, i = _read_varint(raw, i)
+    values = []
+    for _ in range(count):
+        value, i = _read_text(raw, i)
+        values.append(value)
+    return values, i
+
+
 def pack_user(user_id: str, user: User) -> bytes:
     """Binary and compact (a bound user with three ancestors is ~35 bytes): state code,
     varints, length-prefixed ids; the root is left out when derivable (self for a seed,
@@ -103,9 +118,7 @@ def pack_user(user_id: str, user: User) -> bytes:
         return bytes(out)
     _varint(user.depth, out)
     out.append(int(user.first_purchase_done))
-    _varint(len(user.ancestors), out)
-    for ancestor in user.ancestors:
-        _text(ancestor, out)
+    _texts(user.ancestors, out)
     derived = user_id if user.state == SEED else (user.ancestors[-1] if len(user.ancestors) == user.depth else None)
     if user.root != derived:
         _text(user.root, out)
@@ -119,11 +132,7 @@ def unpack_user(user_id: str, raw: bytes) -> User:
         return User(ORGANIC, entered_at=entered)
     depth, i = _read_varint(raw, i)
     done = bool(raw[i])
-    count, i = _read_varint(raw, i + 1)
-    ancestors = []
-    for _ in range(count):
-        ancestor, i = _read_text(raw, i)
-        ancestors.append(ancestor)
+    ancestors, i = _read_texts(raw, i + 1)
     if i < len(raw):
         root, i = _read_text(raw, i)
     else:
@@ -157,9 +166,7 @@ def pack_share(share: Share) -> bytes:
     _varint(share.ts, out)
     _varint(share.depth, out)
     out.append(int(share.group))
-    _varint(len(share.ancestors), out)
-    for ancestor in share.ancestors:
-        _text(ancestor, out)
+    _texts(share.ancestors, out)
     if len(share.ancestors) != share.depth + 1:
         _text(share.root, out)
     return bytes(out)
@@ -173,11 +180,7 @@ def unpack_share(share_id: str, raw: bytes | None) -> Share | None:
     ts, i = _read_varint(raw, i)
     depth, i = _read_varint(raw, i)
     group = bool(raw[i])
-    count, i = _read_varint(raw, i + 1)
-    ancestors = []
-    for _ in range(count):
-        ancestor, i = _read_text(raw, i)
-        ancestors.append(ancestor)
+    ancestors, i = _read_texts(raw, i + 1)
     root = _read_text(raw, i)[0] if i < len(raw) else ancestors[-1]
     return Share(share_id, campaign, ancestors[0], event_id, ts, root, depth, tuple(ancestors), group)
 
