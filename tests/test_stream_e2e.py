@@ -30,6 +30,7 @@ from stream.produce import produce
 from stream.replay import replay
 from stream.simulate import SimulationParams, campaign_config, simulate
 from stream.topics import Topics, ensure_topics
+from tests.compare import nonzero
 
 ROOT = Path(__file__).parent.parent
 PARTITIONS = 4
@@ -115,11 +116,6 @@ def stack(kafka_bootstrap: str, redis_url: str, unique_prefix: str, tmp_path: Pa
     made = Stack(unique_prefix, kafka_bootstrap, redis_url, tmp_path, events=30_000, seed=5)
     yield made
     made.cleanup()
-
-
-def nonzero(balances: dict) -> dict:
-    kept = {c: {u: a for u, a in by_user.items() if a} for c, by_user in balances.items()}
-    return {c: b for c, b in kept.items() if b}
 
 
 def ledger_rows(lines: list[bytes]) -> Counter:
