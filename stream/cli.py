@@ -197,6 +197,28 @@ def _store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")
 
 
+def _kafka_flags(parser: argparse.ArgumentParser, app_id_help: str) -> None:
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--topic-prefix", help="topic names are PREFIX.events, ... (default: referral)")
+    parser.add_argument("--app-id", help=f"{app_id_help} (default: fission-attribution)")
+
+
+def _clickhouse_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH for the embedded engine")
+    parser.add_argument("--database", help="database name (default: fission)")
+
+
+def _process_flags(parser: argparse.ArgumentParser, until_idle_help: str) -> None:
+    """What every long-running process takes: metrics, a way to stop when the input is done, logs."""
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
+    parser.add_argument("--until-idle", type=float, metavar="SECONDS", help=until_idle_help)
+    parser.add_argument("--log-level", default="info", help="log level (default: info)")
+
+
+PARTITIONS_HELP = "partitions of topics it creates (default: 6)"
+IDLE_HELP = "exit after this long without input"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fission", description="Real-time referral attribution.")
     parser.add_argument("--config", help="settings YAML (default: FISSION_CONFIG)")
@@ -233,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rate", type=float, help="events per second when producing (default: as fast as possible)")
     simulate.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
     simulate.add_argument("--topic-prefix", help="topic names are PREFIX.events, ... (default: referral)")
-    simulate.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
+    simulate.add_argument("--partitions", type=int, help=PARTITIONS_HELP)
     simulate.add_argument("--campaigns-out", type=Path, help="also write a matching campaigns file")
     simulate.add_argument("--events", type=int, default=20_000, help="number of events (default 20000)")
     simulate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -248,51 +270,35 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Consume PREFIX.events, attribute in batches, publish outcomes, "
                                  "rewards, nodes and dead letters, commit state and positions in Redis.")
     worker.add_argument("--campaigns", help="campaigns YAML (default: settings)")
-    worker.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
-    worker.add_argument("--topic-prefix", help="topic names are PREFIX.events, ... (default: referral)")
-    worker.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
-    worker.add_argument("--app-id", help="Faust app id = consumer group (default: fission-attribution)")
-    worker.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
-    worker.add_argument("--until-idle", type=float, metavar="SECONDS",
-                        help="after this long without input, treat the input as ended: end the remaining waits "
-                        "as replay does, then exit")
-    worker.add_argument("--log-level", default="info", help="log level (default: info)")
+    _kafka_flags(worker, "Faust app id = consumer group")
+    worker.add_argument("--partitions", type=int, help=PARTITIONS_HELP)
+    _process_flags(worker, "after this long without input, treat the input as ended: end the remaining waits "
+                   "as replay does, then exit")
     worker.add_argument("--redis-url", help="Redis URL (default: FISSION_REDIS_URL)")
     worker.add_argument("--redis-prefix", help="prefix of every Redis key (default: fx)")
     worker.set_defaults(run=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the ClickHouse schema",
                                   description="Apply the schema migrations (sinks/sql) not applied yet.")
-    migrate.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH for the embedded engine")
-    migrate.add_argument("--database", help="database name (default: fission)")
+    _clickhouse_flags(migrate)
     migrate.set_defaults(run=cmd_migrate)
 
     sink = commands.add_parser("sink", help="write the output topics into ClickHouse",
                                description="Consume outcomes, rewards and nodes into ClickHouse, idempotently; "
                                "commits Kafka offsets only after ClickHouse took the rows.")
-    sink.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH")
-    sink.add_argument("--database", help="database name (default: fission)")
-    sink.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
-    sink.add_argument("--topic-prefix", help="topic names are PREFIX.outcomes, ... (default: referral)")
-    sink.add_argument("--app-id", help="consumer group is APP_ID-sink (default: fission-attribution)")
-    sink.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
-    sink.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
-    sink.add_argument("--log-level", default="info", help="log level (default: info)")
+    _clickhouse_flags(sink)
+    _kafka_flags(sink, "consumer group is APP_ID-sink")
+    _process_flags(sink, IDLE_HELP)
     sink.set_defaults(run=cmd_sink)
 
     cascades = commands.add_parser("cascades", help="run the cascade agent (analytics and stall alerts)",
                                    description="Repartition outcomes and rewards by cascade root; keep size, depth, "
                                    "K, structural virality per cascade; alert on stalled cascades and K < 1.")
-    cascades.add_argument("--bootstrap", help="Kafka bootstrap servers (default: FISSION_KAFKA_BOOTSTRAP)")
-    cascades.add_argument("--topic-prefix", help="topic names are PREFIX.outcomes, ... (default: referral)")
-    cascades.add_argument("--partitions", type=int, help="partitions of topics it creates (default: 6)")
-    cascades.add_argument("--app-id", help="the agent's app id is APP_ID-cascades (default: fission-attribution)")
-    cascades.add_argument("--clickhouse-url", help="clickhouse://host:port/db, or chdb://PATH")
-    cascades.add_argument("--database", help="database name (default: fission)")
+    _kafka_flags(cascades, "the agent's app id is APP_ID-cascades")
+    cascades.add_argument("--partitions", type=int, help=PARTITIONS_HELP)
+    _clickhouse_flags(cascades)
     cascades.add_argument("--no-clickhouse", action="store_true", help="alerts to Kafka and metrics only")
-    cascades.add_argument("--metrics-port", type=int, help="serve /metrics, /health, /ready on this port")
-    cascades.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after this long without input")
-    cascades.add_argument("--log-level", default="info", help="log level (default: info)")
+    _process_flags(cascades, IDLE_HELP)
     cascades.set_defaults(run=cmd_cascades)
 
     balances = commands.add_parser("balances", help="show balances from the configured store",
