@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -31,7 +32,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def restamped(events: list[bytes], rate: float | None) -> list[bytes] | object:
+def restamped(events: list[bytes]) -> Iterator[bytes]:
     """Events whose ts is the moment they are produced, so latency is measured from event time."""
     for raw in events:
         try:
@@ -66,6 +67,15 @@ def collect(bootstrap: str, topic: str, expected: int, timeout: float, field: st
     return latencies
 
 
+def start_worker(name: str, campaigns: Path, bootstrap: str, redis_url: str, until_idle: float) -> subprocess.Popen:
+    """`fission worker` with its own topics, key prefix and consumer group, all named `name`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "worker", "--campaigns", str(campaigns), "--bootstrap", bootstrap,
+         "--redis-url", redis_url, "--redis-prefix", name, "--topic-prefix", name, "--app-id", name,
+         "--partitions", str(PARTITIONS), "--until-idle", str(until_idle), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0], values[0]) if values else (float("nan"), float("nan"))
@@ -89,31 +99,26 @@ def main() -> None:
     campaigns = Path(f"/tmp/{name}.json")
     campaigns.write_bytes(orjson.dumps(doc))
     events = list(simulate(params))
-    topics = Topics(*(f"{name}.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+    topics = Topics.with_prefix(name)
     ensure_topics(bootstrap, topics, PARTITIONS, 1)
-    baseline_topic = Topics(*(f"{name}b.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+    baseline_topic = Topics.with_prefix(name + "b")
     ensure_topics(bootstrap, baseline_topic, PARTITIONS, 1)
 
     # Baseline: plain Kafka, the same events at the same rate, produce -> consume.
     got: list[float] = []
     reader = threading.Thread(target=lambda: got.extend(collect(bootstrap, baseline_topic.events, len(events), 120)))
     reader.start()
-    started = time.monotonic()
-    produce(bootstrap, baseline_topic.events, restamped(events, None), rate=args.rate)
+    produce(bootstrap, baseline_topic.events, restamped(events), rate=args.rate)
     reader.join()
     kafka_p50, kafka_p99 = percentiles(got)
 
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "worker", "--campaigns", str(campaigns), "--bootstrap", bootstrap,
-         "--redis-url", redis_url, "--redis-prefix", name, "--topic-prefix", name, "--app-id", name,
-         "--partitions", str(PARTITIONS), "--until-idle", "8", "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_worker(name, campaigns, bootstrap, redis_url, until_idle=8)
     time.sleep(6)  # join the group and get partitions
     rewards: list[float] = []
     reader = threading.Thread(target=lambda: rewards.extend(collect(bootstrap, topics.outcomes, len(events), 300)))
     reader.start()
     started = time.monotonic()
-    produce(bootstrap, topics.events, restamped(events, None), rate=args.rate)
+    produce(bootstrap, topics.events, restamped(events), rate=args.rate)
     reader.join()
     latency_run = time.monotonic() - started
     p50, p99 = percentiles(rewards)
@@ -121,18 +126,14 @@ def main() -> None:
 
     # Throughput: a second worker over a backlog produced up front, timed from start to idle.
     name2 = name + "t"
-    topics2 = Topics(*(f"{name2}.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+    topics2 = Topics.with_prefix(name2)
     ensure_topics(bootstrap, topics2, PARTITIONS, 1)
     produce(bootstrap, topics2.events, events)
     started = time.monotonic()
     arrivals: list[float] = []
     reader = threading.Thread(target=lambda: collect(bootstrap, topics2.outcomes, len(events), 300, arrivals=arrivals))
     reader.start()
-    backlog = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "worker", "--campaigns", str(campaigns), "--bootstrap", bootstrap,
-         "--redis-url", redis_url, "--redis-prefix", name2, "--topic-prefix", name2, "--app-id", name2,
-         "--partitions", str(PARTITIONS), "--until-idle", "3", "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backlog = start_worker(name2, campaigns, bootstrap, redis_url, until_idle=3)
     reader.join()
     elapsed = time.monotonic() - started
     steady = len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9)

@@ -57,8 +57,7 @@ class Settings:
         return self.tick_interval_ms / 1000
 
     def topics(self) -> Topics:
-        p = self.topic_prefix
-        return Topics(f"{p}.events", f"{p}.outcomes", f"{p}.rewards", f"{p}.nodes", f"{p}.dlq")
+        return Topics.with_prefix(self.topic_prefix)
 
     def engine(self) -> EngineSettings:
         return EngineSettings(

@@ -15,6 +15,11 @@ class Topics:
     nodes: str = "referral.nodes"
     dlq: str = "referral.dlq"
 
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        """PREFIX.events, PREFIX.outcomes, ...: how every process names them from `topic_prefix`."""
+        return cls(*(f"{prefix}.{name}" for name in ("events", "outcomes", "rewards", "nodes", "dlq")))
+
     def all(self) -> list[str]:
         return [self.events, self.outcomes, self.rewards, self.nodes, self.dlq]
 

@@ -530,7 +530,7 @@ def test_stalled_cascade_fires_and_resolves_through_alertmanager(
 ) -> None:
     started = time.monotonic()
     prefix = campaign = unique_prefix  # topics and groups named after it are deleted by kafka_topic_factory
-    topics = Topics(*(f"{prefix}.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+    topics = Topics.with_prefix(prefix)
     ensure_topics(kafka_bootstrap, topics, 1, 1)
     produce(kafka_bootstrap, topics.outcomes, cascade_rows(campaign))
     assert Settings(topic_prefix=prefix).topics() == topics  # the agent reads what was just produced

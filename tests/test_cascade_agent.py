@@ -81,7 +81,7 @@ def test_a_stalled_cascade_alerts_once_and_resolves_after_it_grows_again(
     clickhouse_client, tmp_path: Path,
 ) -> None:
     prefix, db = unique_prefix, clickhouse_database  # every topic and group starts with the prefix: cleaned up
-    topics = Topics(*(f"{prefix}.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+    topics = Topics.with_prefix(prefix)
     alerts_topic = CascadeTopics.of(Settings(topic_prefix=prefix)).alerts
     ensure_topics(kafka_bootstrap, topics, PARTITIONS, 1)
     outcomes = cascade_a(range(1, 12)) + cascade_b(range(1, 41)) + [purchase("p1", "a1", "a0", 10_000, 5)]

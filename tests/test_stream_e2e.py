@@ -68,7 +68,7 @@ class Stack:
 
     def __init__(self, name: str, bootstrap: str, redis_url: str, tmp: Path, events: int, seed: int) -> None:
         self.name, self.bootstrap, self.redis_url, self.tmp = name, bootstrap, redis_url, tmp
-        self.topics = Topics(*(f"{name}.{t}" for t in ("events", "outcomes", "rewards", "nodes", "dlq")))
+        self.topics = Topics.with_prefix(name)
         # No device farms: which of a farm's scans bind depends on processing order (SPEC 4.8).
         params = SimulationParams(seed=seed, max_events=events, bad_rate=0.02, duplicate_rate=0.02,
                                   device_reuse_rate=0.0)
