@@ -35,15 +35,14 @@ def observe(result: BatchResult, started: float, now_ms: int) -> None:
     """Record one committed batch."""
     for outcome in result.outcomes:
         EVENTS.labels(outcome.type or "invalid", outcome.outcome, outcome.reason or "").inc()
+        if outcome.budget_exhausted:
+            BUDGET_CUT.labels(outcome.campaign).inc(len(outcome.budget_exhausted))
     for letter in result.dead_letters:
         DEAD_LETTERS.labels(letter.reason).inc()
     for entry in result.entries:
         CREDITS.labels(entry.campaign, entry.kind).inc()
         CREDIT_AMOUNT.labels(entry.campaign, entry.kind).inc(max(entry.amount, 0))
         CREDIT_LATENCY.observe(max(0.0, (now_ms - entry.ts) / 1000))
-    for outcome in result.outcomes:
-        if outcome.budget_exhausted:
-            BUDGET_CUT.labels(outcome.campaign).inc(len(outcome.budget_exhausted))
     BATCH_SIZE.observe(len(result.outcomes))
     BATCH_SECONDS.observe(time.perf_counter() - started)
     FETCH_ROUNDS.observe(result.fetch_rounds)
